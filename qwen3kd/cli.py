@@ -1,0 +1,91 @@
+"""`qwen3kd` command line: the only place that parses arguments.
+
+    qwen3kd train CONFIG [key=value …] [--dry-run] [--debug]
+
+Bad input (config, layout, files) ends with one line on stderr and exit status 2; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("qwen3kd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen3kd", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the student (plain causal LM for now)")
+    t.add_argument("config", help="experiment YAML (a delta on the defaults in qwen3kd/config)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate config and layout, print sizes; build no tensors")
+    t.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    return p
+
+
+def _dry_run(cfg, layout) -> None:
+    from qwen3kd.models.params import count_params, per_stage_params
+
+    c = count_params(cfg.model)
+    stages = per_stage_params(
+        cfg.model, layout.pp, cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers
+    )
+    lines = [
+        f"model {cfg.model.name}: {c.total:,} parameters ({c.total / 1e9:.3f} B), "
+        f"non-embedding {c.non_embedding:,}, active per token {c.active:,}",
+        "parameters per pipeline stage (before TP / EP sharding): "
+        + ", ".join(f"{n / 1e9:.3f} B" for n in stages),
+        "layout: " + layout.describe(),
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def train(args) -> int:
+    from qwen3kd.config.loader import load_config, save_resolved
+    from qwen3kd.config.validate import validate
+
+    cfg = load_config(args.config, args.overrides)
+    layout = validate(cfg)
+    if args.dry_run:
+        _dry_run(cfg, layout)
+        return 0
+
+    from pathlib import Path
+
+    import megatron_patches
+    from qwen3kd.log import rank
+    from qwen3kd.trainer.loop import Trainer
+
+    megatron_patches.apply_all()
+    if rank() == 0:
+        save_resolved(cfg, Path(cfg.run.dir))
+    trainer = Trainer(cfg, layout)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        layout.destroy()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from qwen3kd.errors import UserError
+    from qwen3kd.log import setup_logging
+
+    setup_logging(args.debug)
+    try:
+        return {"train": train}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"qwen3kd: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The job configuration: typed dataclasses that hold the only defaults in the project.
+
+YAML files under configs/ are deltas on top of these; `loader.load_config` merges them in struct
+mode (an unknown key is an error) and `validate.validate` checks the fields against each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp8 = "fp8"  # bf16 + Transformer Engine FP8 GEMMs; needs the `gpu` extra and a CUDA GPU
+
+
+class Backend(str, Enum):
+    auto = "auto"  # nccl when CUDA is available, else gloo
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class LayerImpl(str, Enum):
+    auto = "auto"  # Transformer Engine when it imports (GPU), else megatron's local modules
+    local = "local"
+    te = "te"
+
+
+class RouterMode(str, Enum):
+    """How an MoE student's router is trained during distillation (an explicit choice, DESIGN.md)."""
+
+    trainable = "trainable"  # learns from the task loss only
+    aux_loss = "aux_loss"  # learns, plus the load-balancing auxiliary loss (Qwen3 pre-training)
+    frozen = "frozen"  # router weights are not updated
+
+
+class LRDecay(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class DataKind(str, Enum):
+    synthetic = "synthetic"  # a deterministic, learnable token stream (smoke runs, parity tests)
+    tokens = "tokens"  # JSONL, one {"input_ids": [...]} per line
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen3 architecture. Field names follow the Hugging Face `config.json` of Qwen3."""
+
+    name: str = MISSING
+    num_hidden_layers: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING  # dense FFN width (unused by MoE layers)
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    head_dim: int = 128
+    vocab_size: int = 151936  # embedding / lm_head width; the tokenizer has 151,669 real tokens
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True  # Qwen3 RMS-normalises q and k per head
+    # MoE (Qwen3-MoE): num_experts == 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    router: RouterMode = RouterMode.aux_loss
+    # Weight init for models trained from scratch (tests, toy teachers).
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    # Uneven pipelines: layers on the first / last stage; the rest split evenly over the middle.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    expert: int = 1
+    expert_tensor: int | None = None  # defaults to `tensor` (megatron's default)
+    context: int = 1  # not supported yet: asking for it is an error
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    backend: Backend = Backend.auto
+    # Expected world size. None: taken from WORLD_SIZE (torchrun / SLURM), 1 when unset.
+    world_size: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 0
+    decay: LRDecay = LRDecay.cosine  # after warmup, from lr down to min_lr at train.steps
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 1
+    seq_length: int = 128
+    seed: int = 1234
+    precision: Precision = Precision.fp32
+    layer_impl: LayerImpl = LayerImpl.auto
+    log_interval: int = 1
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.synthetic
+    path: str | None = None  # for kind=tokens
+
+
+@dataclass
+class CheckpointConfig:
+    # Initial weights: a Megatron distributed checkpoint directory (any TP / PP / EP layout).
+    load: str | None = None
+    # Save the final model weights to <run.dir>/checkpoints/final.
+    save_final: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,84 @@
+"""Cross-field checks of a merged JobConfig. Each error is a ValueError naming the keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen3kd.config.schema import JobConfig, Precision
+from qwen3kd.errors import ConfigError
+
+
+def te_available() -> bool:
+    # Transformer Engine raises RuntimeError (not ImportError) on a machine without CUDA.
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _check_model(m) -> None:
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(
+            f"model.num_key_value_heads={m.num_key_value_heads} must divide "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_experts:
+        if not 0 < m.num_experts_per_tok <= m.num_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok={m.num_experts_per_tok} must be in 1..model.num_experts"
+            )
+        if m.moe_intermediate_size <= 0:
+            raise ConfigError("model.moe_intermediate_size must be > 0 for an MoE model")
+    elif m.num_experts_per_tok:
+        raise ConfigError("model.num_experts_per_tok is set but model.num_experts is 0")
+
+
+def _check_train(cfg: JobConfig, dp: int) -> None:
+    t = cfg.train
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp} must divide "
+            f"train.global_batch_size={t.global_batch_size}"
+        )
+    if t.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}"
+        )
+    if t.steps < 0:
+        raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
+    if t.precision is Precision.fp8 and not te_available():
+        raise ConfigError(
+            "train.precision=fp8 needs Transformer Engine (pip install 'qwen3kd[gpu]') and a CUDA GPU"
+        )
+    if cfg.optim.warmup_steps > max(t.steps, 0) and t.steps > 0:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}"
+        )
+
+
+def _check_paths(cfg: JobConfig) -> None:
+    if cfg.data.kind.value == "tokens":
+        if not cfg.data.path:
+            raise ConfigError("data.kind=tokens needs data.path")
+        if not Path(cfg.data.path).is_file():
+            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+    if cfg.checkpoint.load and not Path(cfg.checkpoint.load).is_dir():
+        raise ConfigError(f"checkpoint.load: directory not found: {cfg.checkpoint.load}")
+
+
+def validate(cfg: JobConfig, world_size: int | None = None):
+    """Raise ConfigError (a ValueError) on the first inconsistency; return the parallel layout."""
+    from qwen3kd.distributed.layout import ParallelLayout
+
+    _check_model(cfg.model)
+    try:
+        layout = ParallelLayout.from_config(cfg.parallel, cfg.model, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_train(cfg, layout.dp)
+    _check_paths(cfg)
+    return layout

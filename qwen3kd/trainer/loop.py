@@ -1,0 +1,162 @@
+"""The training loop: causal-LM cross-entropy on the student (distillation plugs in its loss here).
+
+Each phase of a step is a named method; the loop itself reads like the algorithm.
+Loss normalisation: every micro-batch returns a *sum* over its valid tokens and its token count;
+megatron's schedule adds the counts over micro-batches, `finalize_model_grads` all-reduces them over
+data-parallel ranks and divides the gradients by the total, so the gradient is that of the mean
+over all valid tokens of the global batch (DESIGN.md, "Normalisation").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwen3kd.checkpoint.weights import load_weights, save_weights
+from qwen3kd.config.schema import JobConfig
+from qwen3kd.data.lm import MicroBatch, micro_batches, open_dataset
+from qwen3kd.distributed.layout import ParallelLayout
+from qwen3kd.models.qwen3 import build_model
+from qwen3kd.tracking import JsonlMetrics, MetricsLogger, NullMetrics
+from qwen3kd.trainer.optim import build_optimizer, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+
+def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of the per-token CE over valid tokens, and their count.  # [B, S] → scalars"""
+    mask = loss_mask.to(per_token_loss.dtype)
+    loss_sum = (per_token_loss.float() * mask).sum()
+    n = mask.sum().to(torch.int)
+    return loss_sum, n, {"lm_loss": torch.stack([loss_sum.detach(), n.float()])}
+
+
+def forward_step(data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    out = model(batch.tokens, batch.position_ids, None, labels=batch.labels)  # [B, S] per-token CE
+    return out, partial(lm_loss, batch.loss_mask)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout):
+        self.cfg, self.layout = cfg, layout
+        self.run_dir = Path(cfg.run.dir)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        cfg = self.cfg
+        self.layout.init()
+        torch.manual_seed(cfg.train.seed)
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        chunks = build_model(cfg, self.layout)
+        if cfg.checkpoint.load:
+            load_weights(chunks, Path(cfg.checkpoint.load))
+            log.info("loaded weights from %s", cfg.checkpoint.load)
+        self.model = wrap_ddp(chunks, cfg, self.layout)
+        mcfg = chunks[0].config
+        mcfg.finalize_model_grads_func = finalize_model_grads
+        mcfg.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            mcfg.no_sync_func = mcfg.no_sync_func[0]
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.layout)
+        self.dataset = open_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size)
+        self.dp_rank = ps.get_data_parallel_rank()
+        # The one rank whose loss values are reported: last pipeline stage, first TP rank.
+        self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.is_rank0 = dist.get_rank() == 0
+        self.metrics: MetricsLogger = JsonlMetrics(self.run_dir) if self.is_rank0 else NullMetrics()
+
+    # ---- one step -----------------------------------------------------------------------
+    def forward_backward(self, step: int) -> torch.Tensor:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        batches = micro_batches(
+            self.dataset, step, t.global_batch_size, t.micro_batch_size, self.dp_rank,
+            self.layout.dp, t.seq_length,
+        )
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        n_chunks = len(self.model)
+        # Interleaved schedules take one iterator per model chunk, each over the same batches.
+        data = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=self.model if n_chunks > 1 else self.model[0],
+            num_microbatches=len(batches),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        return self.global_loss(outputs)
+
+    def global_loss(self, outputs: list[dict]) -> torch.Tensor:
+        """[loss_sum, tokens] over the global batch, known to every rank."""
+        total = torch.zeros(2, dtype=torch.float64)
+        if self.reports_loss:
+            for o in outputs:
+                total += o["lm_loss"].double()
+        dist.all_reduce(total)
+        return total
+
+    def optimizer_step(self) -> tuple[float, float]:
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError("optimizer step skipped (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        return float(grad_norm or 0.0), lr
+
+    def train_step(self, step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        loss_sum, tokens = self.forward_backward(step).tolist()
+        grad_norm, lr = self.optimizer_step()
+        elapsed = time.perf_counter() - start
+        return {
+            "train/loss": loss_sum / max(tokens, 1.0),
+            "train/grad_norm": grad_norm,
+            "train/lr": lr,
+            "train/tokens": tokens,
+            "time/step": elapsed,
+            "train/tokens_per_s": tokens / elapsed,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        steps, history = self.cfg.train.steps, []
+        start = time.perf_counter()
+        for step in range(steps):
+            metrics = self.train_step(step)
+            history.append(metrics)
+            self.metrics.log_metrics(metrics, step + 1)
+            self.report(step + 1, metrics, time.perf_counter() - start)
+        self.finish()
+        return history
+
+    def report(self, step: int, m: dict[str, float], elapsed: float) -> None:
+        if step % self.cfg.train.log_interval and step != self.cfg.train.steps:
+            return
+        eta = elapsed / step * (self.cfg.train.steps - step)
+        log.info(
+            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  eta %.0fs",
+            step, self.cfg.train.steps, m["train/loss"], m["train/grad_norm"], m["train/lr"],
+            m["train/tokens_per_s"], eta,
+        )
+
+    def finish(self) -> None:
+        if self.cfg.checkpoint.save_final:
+            path = self.run_dir / "checkpoints" / "final"
+            save_weights([m.module for m in self.model], path)
+            log.info("saved final weights to %s", path)
+        self.metrics.close()
