@@ -49,7 +49,10 @@ class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
 
 
 def apply() -> Undo:
+    def rebuild() -> None:
+        # The tracker is a module global built once: rebuild it from the class now in place.
+        mrandom.initialize_rng_tracker(force_reset=True)
+
     undo = swap(mrandom, "CudaRNGStatesTracker", CpuRNGStatesTracker)
-    # A tracker built before the patch is a CUDA one: make the next seed call rebuild it.
-    mrandom.initialize_rng_tracker(force_reset=True)
-    return chain([undo, lambda: mrandom.initialize_rng_tracker(force_reset=True)])
+    rebuild()
+    return chain([rebuild, undo])  # undone in reverse: restore the class, then rebuild

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("qwen3kd")
@@ -60,7 +61,9 @@ def train(args) -> int:
     from qwen3kd.log import rank
     from qwen3kd.trainer.loop import Trainer
 
-    megatron_patches.apply_all()
+    # QWEN3KD_SKIP_PATCHES=a,b leaves patches out, to see what fails without them (tests, triage).
+    skip = [n for n in os.environ.get("QWEN3KD_SKIP_PATCHES", "").split(",") if n]
+    megatron_patches.apply_all(skip=skip)
     if rank() == 0:
         save_resolved(cfg, Path(cfg.run.dir))
     trainer = Trainer(cfg, layout)
@@ -73,7 +76,13 @@ def train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after flags (`train cfg.yaml --dry-run a=1`): collect the leftovers.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    args.overrides = [*args.overrides, *rest]
     from qwen3kd.errors import UserError
     from qwen3kd.log import setup_logging
 

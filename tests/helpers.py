@@ -29,7 +29,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def qwen3kd(*args: str, nproc: int = 1, timeout: int = 300, check: bool = True):
+def qwen3kd(*args: str, nproc: int = 1, timeout: int = 300, check: bool = True,
+            env: dict[str, str] | None = None):
     """`qwen3kd ARGS` (nproc == 1) or `torchrun --nproc_per_node NPROC -m qwen3kd.cli ARGS`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "qwen3kd.cli", *args]
@@ -38,7 +39,8 @@ def qwen3kd(*args: str, nproc: int = 1, timeout: int = 300, check: bool = True):
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={_port()}", "-m", "qwen3kd.cli", *args,
         ]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True,
+                       text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p

@@ -54,9 +54,9 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
         raise ConfigError(
             "train.precision=fp8 needs Transformer Engine (pip install 'qwen3kd[gpu]') and a CUDA GPU"
         )
-    if cfg.optim.warmup_steps > max(t.steps, 0) and t.steps > 0:
+    if t.steps > 0 and cfg.optim.warmup_steps >= t.steps:  # megatron needs warmup < decay steps
         raise ConfigError(
-            f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}"
+            f"optim.warmup_steps={cfg.optim.warmup_steps} must be < train.steps={t.steps}"
         )
 
 

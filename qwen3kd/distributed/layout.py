@@ -44,11 +44,13 @@ class ParallelLayout:
         cls, par: ParallelConfig, model: ModelConfig, world_size: int | None = None
     ) -> ParallelLayout:
         """Check `par` against `model` and the world size; raise ValueError naming the key."""
-        world = world_size or par.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        if par.world_size is not None and par.world_size != world:
+        env = os.environ.get("WORLD_SIZE")
+        launched = world_size or (int(env) if env else None)
+        if par.world_size is not None and launched is not None and par.world_size != launched:
             raise ValueError(
-                f"parallel.world_size={par.world_size} but the launcher started {world} processes"
+                f"parallel.world_size={par.world_size} but the launcher started {launched} processes"
             )
+        world = par.world_size or launched or 1
         for key in ("tensor", "pipeline", "expert", "context"):
             if getattr(par, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(par, key)}")
@@ -106,11 +108,13 @@ class ParallelLayout:
             return "nccl" if torch.cuda.is_available() else "gloo"
         return self.backend.value
 
-    def init(self, timeout_minutes: int = 30) -> None:
-        """Start torch.distributed (env:// rendezvous from torchrun / SLURM) and megatron groups."""
+    def init(self, seed: int, timeout_minutes: int = 30) -> None:
+        """Start torch.distributed (env:// rendezvous from torchrun / SLURM) and megatron groups,
+        and seed the RNGs (megatron derives per-TP-rank and per-expert streams from `seed`)."""
         import torch
         import torch.distributed as dist
         from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         backend = self.resolved_backend()
         if not dist.is_initialized():
@@ -135,6 +139,8 @@ class ParallelLayout:
             expert_tensor_parallel_size=self.etp,
             distributed_timeout_minutes=timeout_minutes,
         )
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
         log.info("parallel layout: %s", self.describe().splitlines()[0])
 
     @staticmethod

@@ -51,12 +51,9 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         cfg = self.cfg
-        self.layout.init()
-        torch.manual_seed(cfg.train.seed)
-        model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.layout.init(cfg.train.seed)
         chunks = build_model(cfg, self.layout)
         if cfg.checkpoint.load:
             load_weights(chunks, Path(cfg.checkpoint.load))

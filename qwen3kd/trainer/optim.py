@@ -47,7 +47,8 @@ def build_optimizer(model: list[torch.nn.Module], cfg: JobConfig, layout: Parall
         use_distributed_optimizer=layout.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, model)
-    steps = max(cfg.train.steps, 1)
+    # A 0-step run (e.g. one that only writes initial weights) still needs a valid schedule.
+    steps = max(cfg.train.steps, o.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,
