@@ -19,7 +19,7 @@ class JsonlMetrics:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("a")
+        self._f = self.path.open("w")  # a fresh run; resuming will append (checkpoint issue)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -38,8 +38,17 @@ def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch: MicroBatch = next(data_iterator)
-    out = model(batch.tokens, batch.position_ids, None, labels=batch.labels)  # [B, S] per-token CE
-    return out, partial(lm_loss, batch.loss_mask)
+    dev = _device()
+    tokens, pos, labels = (t.to(dev, non_blocking=True)
+                           for t in (batch.tokens, batch.position_ids, batch.labels))
+    out = model(tokens, pos, None, labels=labels)  # [B, S] per-token CE
+    return out, partial(lm_loss, batch.loss_mask.to(dev, non_blocking=True))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class Trainer:
@@ -96,11 +105,11 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
-        return self.global_loss(outputs)
+        return self.global_loss(outputs).cpu()
 
     def global_loss(self, outputs: list[dict]) -> torch.Tensor:
         """[loss_sum, tokens] over the global batch, known to every rank."""
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=_device())
         if self.reports_loss:
             for o in outputs:
                 total += o["lm_loss"].double()

@@ -1,0 +1,62 @@
+"""Compare a model preset with a Hugging Face `config.json` (e.g. a downloaded Qwen3 checkpoint).
+
+    python tools/check_preset.py configs/models/qwen3-8b.yaml /models/Qwen3-8B/config.json
+
+Prints one line per field that differs and exits 1 if any does; fields the preset does not model
+(e.g. `torch_dtype`, `bos_token_id`) are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qwen3kd.config.loader import load_config
+from qwen3kd.config.schema import ModelConfig
+
+log = logging.getLogger("check_preset")
+
+# Preset fields that are ours, not config.json's.
+OURS = {"name", "qk_norm", "router", "init_std"}
+# config.json fields that hold for every Qwen3 checkpoint and that the architecture assumes.
+FIXED = {"hidden_act": "silu", "attention_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def differences(model: ModelConfig, hf: dict) -> list[str]:
+    out = []
+    for key in ModelConfig.__dataclass_fields__:
+        if key in OURS or key not in hf:
+            continue
+        ours, theirs = getattr(model, key), hf[key]
+        if isinstance(theirs, float) or isinstance(ours, float):
+            same = abs(float(ours) - float(theirs)) <= 1e-12 * max(1.0, abs(float(theirs)))
+        else:
+            same = ours == theirs
+        if not same:
+            out.append(f"model.{key}: preset {ours!r}, config.json {theirs!r}")
+    for key, expected in FIXED.items():
+        if key in hf and hf[key] != expected:
+            out.append(f"{key}: config.json has {hf[key]!r}; qwen3kd assumes {expected!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("preset", type=Path)
+    p.add_argument("config_json", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = load_config(args.preset).model
+    diffs = differences(model, json.loads(args.config_json.read_text()))
+    for d in diffs:
+        log.error(d)
+    if not diffs:
+        log.info("%s matches %s", args.preset, args.config_json)
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
