@@ -14,29 +14,17 @@ import logging
 import sys
 from pathlib import Path
 
+from qwen3kd.checkpoint.hf import config_differences
 from qwen3kd.config.loader import load_config
-from qwen3kd.config.schema import ModelConfig
 
 log = logging.getLogger("check_preset")
 
-# Preset fields that are ours, not config.json's.
-OURS = {"name", "qk_norm", "router", "init_std"}
 # config.json fields that hold for every Qwen3 checkpoint and that the architecture assumes.
 FIXED = {"hidden_act": "silu", "attention_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
-def differences(model: ModelConfig, hf: dict) -> list[str]:
-    out = []
-    for key in ModelConfig.__dataclass_fields__:
-        if key in OURS or key not in hf:
-            continue
-        ours, theirs = getattr(model, key), hf[key]
-        if isinstance(theirs, float) or isinstance(ours, float):
-            same = abs(float(ours) - float(theirs)) <= 1e-12 * max(1.0, abs(float(theirs)))
-        else:
-            same = ours == theirs
-        if not same:
-            out.append(f"model.{key}: preset {ours!r}, config.json {theirs!r}")
+def differences(model, hf: dict) -> list[str]:
+    out = config_differences(model, hf)
     for key, expected in FIXED.items():
         if key in hf and hf[key] != expected:
             out.append(f"{key}: config.json has {hf[key]!r}; qwen3kd assumes {expected!r}")

@@ -1,0 +1,154 @@
+"""Hugging Face Qwen3 folders: read lazily, describe as a ModelConfig, load into megatron models.
+
+Loading is direct and layout-aware: each rank reads, tensor by tensor, only the Hugging Face
+tensors of the layers and experts it holds (safetensors reads lazily), merges them with the
+mapping table and keeps its tensor-parallel slice. Peak extra memory is about one layer's tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from qwen3kd.checkpoint.hf_mapping import TABLES, Heads, find_rule, merge, shard
+from qwen3kd.config.schema import ModelConfig
+from qwen3kd.errors import DataError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# config.json fields → ModelConfig fields of the same name.
+_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
+    "rms_norm_eps", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "norm_topk_prob",
+)
+
+
+class HFCheckpoint:
+    """A Hugging Face model folder: config.json plus safetensors (one file, or shards + index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise DataError(f"{cfg_file}: not found (not a Hugging Face model folder)")
+        self.config = json.loads(cfg_file.read_text())
+        arch = (self.config.get("architectures") or ["?"])[0]
+        if arch not in TABLES:
+            raise DataError(f"{cfg_file}: unsupported architecture '{arch}' (supported: {', '.join(TABLES)})")
+        self.architecture = arch
+        self.weight_map = self._weight_map()
+        self._open: dict[str, object] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX
+        if index.is_file():
+            return json.loads(index.read_text())["weight_map"]
+        single = self.path / SINGLE
+        if not single.is_file():
+            raise DataError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {k: SINGLE for k in f.keys()}
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map.get(name)
+        if file is None:
+            raise DataError(f"{self.path}: tensor '{name}' is missing")
+        if file not in self._open:
+            shard_path = self.path / file
+            if not shard_path.is_file():
+                raise DataError(f"{shard_path}: shard file missing (needed for tensor '{name}')")
+            self._open[file] = safe_open(shard_path, "pt")
+        return self._open[file].get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def model_config(self, name: str | None = None) -> ModelConfig:
+        c = self.config
+        kw = {k: c[k] for k in _FIELDS if k in c}
+        if "head_dim" not in c:
+            kw["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
+        return ModelConfig(name=name or self.path.name, **kw)
+
+
+def config_differences(model: ModelConfig, hf: dict) -> list[str]:
+    """Fields where a preset and a Hugging Face config.json disagree, one line each."""
+    out = []
+    for key in _FIELDS:
+        if key not in hf:
+            continue
+        ours, theirs = getattr(model, key), hf[key]
+        if isinstance(theirs, float) or isinstance(ours, float):
+            same = abs(float(ours) - float(theirs)) <= 1e-12 * max(1.0, abs(float(theirs)))
+        else:
+            same = ours == theirs
+        if not same:
+            out.append(f"model.{key}: preset {ours!r}, config.json {theirs!r}")
+    return out
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def _global_name(chunk: torch.nn.Module, name: str) -> tuple[str, bool]:
+    """Local parameter name → name with global layer / expert indices; is it an expert param?"""
+    from megatron.core import parallel_state as ps
+
+    m = _LAYER.match(name)
+    if m:
+        layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # 1-based, global
+        name = f"decoder.layers.{layer}." + name[m.end():]
+    e = _EXPERT.search(name)
+    if e:
+        per_rank = chunk.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+        glob = ps.get_expert_model_parallel_rank() * per_rank + int(e.group(1))
+        name = name[: e.start()] + f".local_experts.{glob}." + name[e.end():]
+    return name, e is not None
+
+
+@torch.no_grad()
+def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: ModelConfig) -> None:
+    """Fill this rank's megatron model chunks from a Hugging Face checkpoint."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
+
+    diffs = config_differences(model, ckpt.config)
+    if diffs:
+        raise DataError(f"{ckpt.path}/config.json does not match the model config: " + "; ".join(diffs))
+    table = TABLES[ckpt.architecture]
+    heads = Heads(model.num_attention_heads, model.num_key_value_heads, model.head_dim)
+    tied = model.tie_word_embeddings
+    for chunk in chunks:
+        chunk = unwrap_model(chunk)
+        for local, param in chunk.named_parameters():
+            name, is_expert = _global_name(chunk, local)
+            rule, layer, expert = find_rule(table, name)
+            hf_names = rule.hf_names(layer, expert)
+            if tied and hf_names == ["lm_head.weight"]:
+                hf_names = ["model.embed_tokens.weight"]  # the last stage's copy of the embedding
+            full = merge(rule.merge, [ckpt.get(n) for n in hf_names], heads)
+            if is_expert:
+                rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+            else:
+                rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+            part = shard(rule.shard, full, rank, size)
+            if part.shape != param.shape:
+                raise DataError(
+                    f"{ckpt.path}: tensor {', '.join(hf_names)} gives shape {tuple(part.shape)} for "
+                    f"'{name}' at tp rank {rank}/{size}, the model expects {tuple(param.shape)}"
+                )
+            param.copy_(part.to(param.dtype))
+    ckpt.close()
