@@ -45,3 +45,14 @@ def load_weights(chunks: list[torch.nn.Module], path: Path) -> None:
     state = dist_checkpointing.load(_sharded(chunks), str(path))
     for i, c in enumerate(chunks):
         unwrap_model(c).load_state_dict(state[f"model{i}"], strict=True)
+
+
+def load_initial_weights(chunks: list[torch.nn.Module], path: Path, model) -> None:
+    """`checkpoint.load`: a Hugging Face folder (has config.json; read directly, no conversion
+    step) or a Megatron distributed checkpoint, at any layout."""
+    if (Path(path) / "config.json").is_file():
+        from qwen3kd.checkpoint.hf import HFCheckpoint, load_hf_into
+
+        load_hf_into(chunks, HFCheckpoint(path), model)
+    else:
+        load_weights(chunks, path)

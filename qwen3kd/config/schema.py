@@ -128,7 +128,8 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Initial weights: a Megatron distributed checkpoint directory (any TP / PP / EP layout).
+    # Initial weights, at any TP / PP / EP layout: a Hugging Face folder (config.json +
+    # safetensors, read directly) or a Megatron distributed checkpoint directory.
     load: str | None = None
     # Save the final model weights to <run.dir>/checkpoints/final.
     save_final: bool = False

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qwen3kd.checkpoint.weights import load_weights, save_weights
+from qwen3kd.checkpoint.weights import load_initial_weights, save_weights
 from qwen3kd.config.schema import JobConfig
 from qwen3kd.data.lm import MicroBatch, micro_batches, open_dataset
 from qwen3kd.distributed.layout import ParallelLayout
@@ -65,7 +65,7 @@ class Trainer:
         self.layout.init(cfg.train.seed)
         chunks = build_model(cfg, self.layout)
         if cfg.checkpoint.load:
-            load_weights(chunks, Path(cfg.checkpoint.load))
+            load_initial_weights(chunks, Path(cfg.checkpoint.load), cfg.model)
             log.info("loaded weights from %s", cfg.checkpoint.load)
         self.model = wrap_ddp(chunks, cfg, self.layout)
         mcfg = chunks[0].config

@@ -66,3 +66,23 @@ def test_bad_checkpoints_name_the_problem(megatron_world, tmp_path):
     (hf_dir / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(DataError, match="unsupported architecture 'LlamaForCausalLM'"):
         HFCheckpoint(hf_dir)
+
+
+def test_training_starts_from_a_hugging_face_folder(tmp_path):
+    """`checkpoint.load=<HF folder>`: the first loss is the transformers model's loss on step 1's batch."""
+    from helpers import SMOKE, qwen3kd
+
+    from qwen3kd.data.lm import micro_batches, open_dataset
+    from qwen3kd.tracking import read_metrics
+
+    cfg = load_config(SMOKE / "lm-tiny-dense.yaml")
+    hf_dir = save_tiny_hf(cfg.model, tmp_path / "hf")
+    qwen3kd("train", str(SMOKE / "lm-tiny-dense.yaml"), f"checkpoint.load={hf_dir}",
+            "train.steps=1", "optim.warmup_steps=0", f"run.dir={tmp_path / 'run'}")
+    first = read_metrics(tmp_path / "run")[0]["train/loss"]
+    t = cfg.train
+    batches = micro_batches(open_dataset(cfg.data, t.seed, cfg.model.vocab_size), 0,
+                            t.global_batch_size, t.global_batch_size, 0, 1, t.seq_length)
+    logits = hf_logits(hf_dir, batches[0].tokens)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batches[0].labels.flatten())
+    assert first == pytest.approx(ref.item(), abs=1e-4)

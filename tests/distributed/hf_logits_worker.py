@@ -1,0 +1,56 @@
+"""torchrun worker: load a Hugging Face folder into megatron at a layout, write the full logits.
+
+    torchrun --nproc_per_node 2 hf_logits_worker.py HF_DIR OUT.pt PRESET.yaml [key=value …]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def main(hf_dir: str, out: str, preset: str, *overrides: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    import megatron_patches
+    from qwen3kd.checkpoint.hf import HFCheckpoint, load_hf_into
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.config.validate import validate
+    from qwen3kd.models.qwen3 import build_model
+
+    megatron_patches.apply_all()
+    cfg = load_config(preset, list(overrides))
+    layout = validate(cfg)
+    layout.init(seed=0)
+    chunks = build_model(cfg, layout)
+    load_hf_into(chunks, HFCheckpoint(hf_dir), cfg.model)
+    for c in chunks:
+        c.eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(24).expand_as(tokens)
+
+    def loss_func(logits):
+        full = gather_from_tensor_model_parallel_region(logits)  # [B, S, V/TP] → [B, S, V]
+        return torch.zeros(()), torch.tensor(1), {"logits": full}
+
+    def forward_step(it, model):
+        next(it)
+        return model(tokens, pos, None), loss_func
+
+    with torch.no_grad():
+        data = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([0]), model=chunks[0],
+            num_microbatches=1, seq_length=24, micro_batch_size=2, forward_only=True,
+        )
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(data[0]["logits"], out)
+    dist.barrier()
+    layout.destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,58 @@
+"""A Hugging Face checkpoint loaded at TP=2, PP=2 and EP=2 gives transformers' logits
+(max |Δ| ≤ 1e-4, fp32). TP=1 is in tests/unit/test_hf_load.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, _env, _port
+from hf_models import hf_logits, save_tiny_hf
+
+from qwen3kd.config.loader import load_config
+
+pytestmark = pytest.mark.distributed
+
+MODELS = ROOT / "configs" / "models"
+TIED = ["model.tie_word_embeddings=true"]
+CASES = {
+    "dense-tp2": ("tiny-dense", [], ["parallel.tensor=2"]),
+    "dense-pp2": ("tiny-dense", [], ["parallel.pipeline=2"]),
+    "tied-tp2": ("tiny-dense", TIED, ["parallel.tensor=2"]),
+    "tied-pp2": ("tiny-dense", TIED, ["parallel.pipeline=2"]),
+    "moe-ep2": ("tiny-moe", [], ["parallel.expert=2"]),
+    "moe-tp2": ("tiny-moe", [], ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "moe-pp2": ("tiny-moe", [], ["parallel.pipeline=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """One saved transformers model (and its reference logits) per model variant."""
+    out = {}
+    for preset, model_overrides, _ in CASES.values():
+        key = (preset, tuple(model_overrides))
+        if key in out:
+            continue
+        cfg = load_config(MODELS / f"{preset}.yaml", model_overrides)
+        path = save_tiny_hf(cfg.model, tmp_path_factory.mktemp(preset) / "hf")
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        out[key] = (path, hf_logits(path, tokens))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layout_logits_match_transformers(hf_folders, case, tmp_path):
+    preset, model_overrides, layout = CASES[case]
+    hf_dir, ref = hf_folders[(preset, tuple(model_overrides))]
+    out = tmp_path / "logits.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+           str(ROOT / "tests/distributed/hf_logits_worker.py"), str(hf_dir), str(out),
+           str(MODELS / f"{preset}.yaml"), *model_overrides, *layout]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    ours = torch.load(out)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
