@@ -2,7 +2,8 @@
 
 Each module is one patch: its docstring says what fails without it (the exact error) and when it
 can go. `apply_all()` is called by the entry point before any model or optimizer is built: the
-CPU-only patches only where CUDA is absent, the bug fixes wherever the bug applies. Every patch
+CPU-only patches only where CUDA is absent, the bug fixes wherever the bug applies (a module's
+optional `applies()` says whether it does here, e.g. only without Transformer Engine / Apex). Every patch
 returns an undo, so tests can show each one is needed.
 """
 
@@ -29,6 +30,9 @@ PATCHES = (
     "moe_te_gemm",
     "sp_norm",
     "moe_aux_loss_sp",
+    "distopt_fresh_state",
+    "distopt_load_step",
+    "distopt_shared_step",
 )
 
 _applied: list[tuple[str, Undo]] = []
@@ -46,7 +50,7 @@ def apply_all(cpu: bool | None = None, skip: tuple[str, ...] | list[str] = ()) -
         if name in skip or name in done:
             continue
         mod = importlib.import_module(f"megatron_patches.{name}")
-        if mod.CPU_ONLY and not cpu:
+        if (mod.CPU_ONLY and not cpu) or not getattr(mod, "applies", lambda: True)():
             continue
         check_version(name, mod.SUPPORTED)
         _applied.append((name, mod.apply()))

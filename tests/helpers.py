@@ -46,12 +46,22 @@ def qwen3kd(*args: str, nproc: int = 1, timeout: int = 300, check: bool = True,
     return p
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """The newest complete training checkpoint of a run."""
+    from qwen3kd.checkpoint.training import latest
+
+    found = latest(Path(run_dir) / "checkpoints")
+    assert found is not None, f"no checkpoint under {run_dir}/checkpoints"
+    return found
+
+
 def global_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """A Megatron dist checkpoint as {global key: full tensor}, read with torch DCP alone."""
+    """A Megatron dist checkpoint's model weights as {global key: full tensor}, read with torch
+    DCP alone (optimizer state left out)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = ckpt.parent / (ckpt.name + ".pt")
     if not out.exists():
         dcp_to_torch_save(str(ckpt), str(out))
     state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer.")}

@@ -14,21 +14,14 @@ import logging
 import sys
 from pathlib import Path
 
-from qwen3kd.checkpoint.hf import config_differences
+from qwen3kd.checkpoint.hf import unsupported
+from qwen3kd.checkpoint.manifest import differences as arch_differences
 from qwen3kd.config.loader import load_config
 
 log = logging.getLogger("check_preset")
 
-# config.json fields that hold for every Qwen3 checkpoint and that the architecture assumes.
-FIXED = {"hidden_act": "silu", "attention_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
-
-
 def differences(model, hf: dict) -> list[str]:
-    out = config_differences(model, hf)
-    for key, expected in FIXED.items():
-        if key in hf and hf[key] != expected:
-            out.append(f"{key}: config.json has {hf[key]!r}; qwen3kd assumes {expected!r}")
-    return out
+    return arch_differences(model, hf, "config.json", ours="preset") + unsupported(hf)
 
 
 def main(argv: list[str] | None = None) -> int:

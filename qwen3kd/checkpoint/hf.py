@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from qwen3kd.checkpoint.hf_mapping import TABLES, Heads, find_rule, merge, shard
+from qwen3kd.checkpoint.manifest import ARCH_FIELDS, differences
 from qwen3kd.config.schema import ModelConfig
 from qwen3kd.errors import DataError
 
+# config.json fields that hold for every Qwen3 checkpoint and that the mapping table assumes.
+ASSUMED = {"hidden_act": "silu", "attention_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# config.json fields → ModelConfig fields of the same name.
-_FIELDS = (
-    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
-    "rms_norm_eps", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
-    "moe_intermediate_size", "norm_topk_prob",
-)
-
-
 class HFCheckpoint:
     """A Hugging Face model folder: config.json plus safetensors (one file, or shards + index)."""
 
@@ -41,6 +36,9 @@ class HFCheckpoint:
         if arch not in TABLES:
             raise DataError(f"{cfg_file}: unsupported architecture '{arch}' (supported: {', '.join(TABLES)})")
         self.architecture = arch
+        bad = unsupported(self.config)
+        if bad:
+            raise DataError(f"{cfg_file}: " + "; ".join(bad))
         self.weight_map = self._weight_map()
         self._open: dict[str, object] = {}
 
@@ -77,26 +75,16 @@ class HFCheckpoint:
 
     def model_config(self, name: str | None = None) -> ModelConfig:
         c = self.config
-        kw = {k: c[k] for k in _FIELDS if k in c}
+        kw = {k: c[k] for k in ARCH_FIELDS if k in c}
         if "head_dim" not in c:
             kw["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
         return ModelConfig(name=name or self.path.name, **kw)
 
 
-def config_differences(model: ModelConfig, hf: dict) -> list[str]:
-    """Fields where a preset and a Hugging Face config.json disagree, one line each."""
-    out = []
-    for key in _FIELDS:
-        if key not in hf:
-            continue
-        ours, theirs = getattr(model, key), hf[key]
-        if isinstance(theirs, float) or isinstance(ours, float):
-            same = abs(float(ours) - float(theirs)) <= 1e-12 * max(1.0, abs(float(theirs)))
-        else:
-            same = ours == theirs
-        if not same:
-            out.append(f"model.{key}: preset {ours!r}, config.json {theirs!r}")
-    return out
+def unsupported(config: dict) -> list[str]:
+    """config.json fields whose values the Qwen3 mapping does not handle, one line each."""
+    return [f"{key}: config.json has {config[key]!r}; qwen3kd supports only {expected!r}"
+            for key, expected in ASSUMED.items() if key in config and config[key] != expected]
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -125,7 +113,7 @@ def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: Model
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
 
-    diffs = config_differences(model, ckpt.config)
+    diffs = differences(model, ckpt.config, "config.json")
     if diffs:
         raise DataError(f"{ckpt.path}/config.json does not match the model config: " + "; ".join(diffs))
     table = TABLES[ckpt.architecture]
@@ -152,3 +140,17 @@ def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: Model
                 )
             param.copy_(part.to(param.dtype))
     ckpt.close()
+
+
+def copy_hf_files(src: Path, dst: Path) -> None:
+    """A Hugging Face folder's non-weight files (config.json, tokenizer, generation config, chat
+    template), byte for byte."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and not is_weight_file(f.name):
+            shutil.copy2(f, dst / f.name)
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
+                          ".bin.index.json"))

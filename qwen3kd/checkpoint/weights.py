@@ -1,53 +1,41 @@
-"""Model weights as a Megatron distributed checkpoint (torch_dist format).
+"""Initial weights for a model: a Hugging Face folder or a Megatron distributed checkpoint.
 
-Each ShardedTensor is stored under its global key with its global shape, so a checkpoint saved at
-one TP / PP / EP layout loads at any other (megatron's dist_checkpointing reshards on load).
-Saves go to a temporary directory renamed into place: an interrupted save never looks finished.
+Megatron checkpoints (torch_dist format) store each ShardedTensor under its global key with its
+global shape, so one saved at any TP / PP / EP layout loads at any other: megatron's
+dist_checkpointing reads each rank's slices. Optimizer state in a training checkpoint is ignored.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-
-def _sharded(chunks: list[torch.nn.Module]) -> dict:
-    from megatron.core.utils import unwrap_model
-
-    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+from qwen3kd.checkpoint.manifest import check_model
+from qwen3kd.config.schema import ModelConfig
+from qwen3kd.errors import DataError
 
 
-def save_weights(chunks: list[torch.nn.Module], path: Path) -> None:
-    import torch.distributed as dist
+def load_weights(chunks: list[torch.nn.Module], path: Path, model: ModelConfig) -> None:
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.utils import unwrap_model
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded(chunks), str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    dist.barrier()
-
-
-def load_weights(chunks: list[torch.nn.Module], path: Path) -> None:
-    from megatron.core import dist_checkpointing
-    from megatron.core.utils import unwrap_model
-
-    state = dist_checkpointing.load(_sharded(chunks), str(path))
+    if not (path / "metadata.json").is_file():
+        raise DataError(f"{path}: not a Megatron distributed checkpoint (no metadata.json) and "
+                        "not a Hugging Face folder (no config.json)")
+    check_model(path, model)
+    sharded = {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except (CheckpointingException, KeyError) as e:
+        raise DataError(f"{path}: does not fit the model '{model.name}': {e}") from None
     for i, c in enumerate(chunks):
         unwrap_model(c).load_state_dict(state[f"model{i}"], strict=True)
 
 
-def load_initial_weights(chunks: list[torch.nn.Module], path: Path, model) -> None:
+def load_initial_weights(chunks: list[torch.nn.Module], path: Path, model: ModelConfig) -> None:
     """`checkpoint.load`: a Hugging Face folder (has config.json; read directly, no conversion
     step) or a Megatron distributed checkpoint, at any layout."""
     if (Path(path) / "config.json").is_file():
@@ -55,4 +43,14 @@ def load_initial_weights(chunks: list[torch.nn.Module], path: Path, model) -> No
 
         load_hf_into(chunks, HFCheckpoint(path), model)
     else:
-        load_weights(chunks, path)
+        load_weights(chunks, path, model)
+
+
+def hf_files_of(path: Path) -> Path | None:
+    """Where the Hugging Face non-weight files (config, tokenizer) of a checkpoint are, if any:
+    the folder itself for a Hugging Face folder, its `hf/` for one qwen3kd wrote."""
+    path = Path(path)
+    for candidate in (path, path / "hf"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None

@@ -128,11 +128,16 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Initial weights, at any TP / PP / EP layout: a Hugging Face folder (config.json +
-    # safetensors, read directly) or a Megatron distributed checkpoint directory.
+    # Initial student weights, at any TP / PP / EP layout: a Hugging Face folder (config.json +
+    # safetensors, read directly, no conversion step) or a Megatron checkpoint (from
+    # `qwen3kd convert` or a training checkpoint's weights). Ignored when a run resumes.
     load: str | None = None
-    # Save the final model weights to <run.dir>/checkpoints/final.
-    save_final: bool = False
+    # Training checkpoints (student weights, optimizer, LR schedule, data position, RNG states):
+    # <dir>/step_NNNNNNN, written under a temporary name and renamed when complete.
+    dir: str = "${run.dir}/checkpoints"
+    interval: int = 0  # also save every `interval` steps; 0: only at the end
+    save_final: bool = True  # save when the run ends
+    keep_last: int = 2  # step checkpoints kept, newest first; 0 keeps all
 
 
 @dataclass
@@ -150,3 +155,6 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # never: start from checkpoint.load (or random init); auto: continue from the newest complete
+    # checkpoint under checkpoint.dir if there is one; or the path of one step checkpoint.
+    resume: str = "never"

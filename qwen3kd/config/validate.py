@@ -68,6 +68,12 @@ def _check_paths(cfg: JobConfig) -> None:
             raise ConfigError(f"data.path: file not found: {cfg.data.path}")
     if cfg.checkpoint.load and not Path(cfg.checkpoint.load).is_dir():
         raise ConfigError(f"checkpoint.load: directory not found: {cfg.checkpoint.load}")
+    if cfg.resume not in ("never", "auto") and not (Path(cfg.resume) / "qwen3kd.json").is_file():
+        raise ConfigError(f"resume: expected never, auto or a step checkpoint directory; "
+                          f"{cfg.resume} is none of these (no qwen3kd.json in it)")
+    c = cfg.checkpoint
+    if c.interval < 0 or c.keep_last < 0:
+        raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
 
 
 def validate(cfg: JobConfig, world_size: int | None = None):

@@ -86,11 +86,12 @@ def open_dataset(cfg: DataConfig, seed: int, vocab_size: int):
 
 
 def micro_batches(
-    dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int, seq: int
+    dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int, seq: int
 ) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of optimizer step `step`."""
+    """This data-parallel rank's micro-batches of the global batch that starts at sample
+    `first_sample` (the data position: samples consumed by earlier steps)."""
     per_rank = global_batch // dp
-    first = step * global_batch + dp_rank * per_rank
+    first = first_sample + dp_rank * per_rank
     out = []
     for m in range(per_rank // micro_batch):
         rows = [dataset.sample(first + m * micro_batch + j, seq + 1) for j in range(micro_batch)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -14,12 +15,24 @@ class MetricsLogger(Protocol):
 
 
 class JsonlMetrics:
-    """One JSON object per logged step in <run_dir>/metrics.jsonl (rank 0 only)."""
+    """One JSON object per logged step in <run_dir>/metrics.jsonl (rank 0 only).
 
-    def __init__(self, run_dir: Path):
+    A run resumed at step N keeps the records of steps 1..N (those after N were made by the
+    interrupted run past its last checkpoint and are made again) and appends.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("w")  # a fresh run; resuming will append (checkpoint issue)
+        if resume_step and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+            self._f = self.path.open("a")
+        else:
+            self._f = self.path.open("w")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -27,6 +40,13 @@ class JsonlMetrics:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # blank, or cut short by a killed run
 
 
 class NullMetrics:

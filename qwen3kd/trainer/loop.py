@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qwen3kd.checkpoint.weights import load_initial_weights, save_weights
+from qwen3kd.checkpoint import training
+from qwen3kd.checkpoint.weights import hf_files_of, load_initial_weights
 from qwen3kd.config.schema import JobConfig
 from qwen3kd.data.lm import MicroBatch, micro_batches, open_dataset
 from qwen3kd.distributed.layout import ParallelLayout
@@ -64,8 +65,11 @@ class Trainer:
         cfg = self.cfg
         self.layout.init(cfg.train.seed)
         chunks = build_model(cfg, self.layout)
-        if cfg.checkpoint.load:
+        resume = self._resume_path()
+        self.hf_source = None  # the student's Hugging Face files, carried into its checkpoints
+        if resume is None and cfg.checkpoint.load:
             load_initial_weights(chunks, Path(cfg.checkpoint.load), cfg.model)
+            self.hf_source = hf_files_of(Path(cfg.checkpoint.load))
             log.info("loaded weights from %s", cfg.checkpoint.load)
         self.model = wrap_ddp(chunks, cfg, self.layout)
         mcfg = chunks[0].config
@@ -74,20 +78,37 @@ class Trainer:
         if len(self.model) == 1:
             mcfg.no_sync_func = mcfg.no_sync_func[0]
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.layout)
+        self.progress, self.saved_step = training.Progress(), None
+        if resume is not None:
+            self.progress = training.load(resume, self.model, self.optimizer, self.scheduler, cfg.model)
+            self.hf_source, self.saved_step = hf_files_of(resume), self.progress.step
+            log.info("resumed from %s at step %d", resume, self.progress.step)
         self.dataset = open_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size)
         self.dp_rank = ps.get_data_parallel_rank()
         # The one rank whose loss values are reported: last pipeline stage, first TP rank.
         self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.is_rank0 = dist.get_rank() == 0
-        self.metrics: MetricsLogger = JsonlMetrics(self.run_dir) if self.is_rank0 else NullMetrics()
+        self.metrics: MetricsLogger = (JsonlMetrics(self.run_dir, resume_step=self.progress.step)
+                                       if self.is_rank0 else NullMetrics())
+
+    def _resume_path(self) -> Path | None:
+        resume, root = self.cfg.resume, Path(self.cfg.checkpoint.dir)
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = training.latest(root)
+            if found is None:
+                log.info("resume=auto: no checkpoint under %s, starting from step 0", root)
+            return found
+        return Path(resume)
 
     # ---- one step -----------------------------------------------------------------------
-    def forward_backward(self, step: int) -> torch.Tensor:
+    def forward_backward(self) -> torch.Tensor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.cfg.train
         batches = micro_batches(
-            self.dataset, step, t.global_batch_size, t.micro_batch_size, self.dp_rank,
+            self.dataset, self.progress.consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank,
             self.layout.dp, t.seq_length,
         )
         for m in self.model:
@@ -124,10 +145,12 @@ class Trainer:
         self.scheduler.step(increment=1)
         return float(grad_norm or 0.0), lr
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
-        loss_sum, tokens = self.forward_backward(step).tolist()
+        loss_sum, tokens = self.forward_backward().tolist()
         grad_norm, lr = self.optimizer_step()
+        self.progress.step += 1
+        self.progress.consumed_samples += self.cfg.train.global_batch_size
         elapsed = time.perf_counter() - start
         return {
             "train/loss": loss_sum / max(tokens, 1.0),
@@ -141,28 +164,35 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         steps, history = self.cfg.train.steps, []
-        start = time.perf_counter()
-        for step in range(steps):
-            metrics = self.train_step(step)
+        first, start = self.progress.step, time.perf_counter()
+        while self.progress.step < steps:
+            metrics = self.train_step()
+            step = self.progress.step
             history.append(metrics)
-            self.metrics.log_metrics(metrics, step + 1)
-            self.report(step + 1, metrics, time.perf_counter() - start)
+            self.metrics.log_metrics(metrics, step)
+            self.report(step, metrics, (time.perf_counter() - start) / (step - first))
+            interval = self.cfg.checkpoint.interval
+            if interval and step % interval == 0:
+                self.save()
         self.finish()
         return history
 
-    def report(self, step: int, m: dict[str, float], elapsed: float) -> None:
+    def report(self, step: int, m: dict[str, float], per_step: float) -> None:
         if step % self.cfg.train.log_interval and step != self.cfg.train.steps:
             return
-        eta = elapsed / step * (self.cfg.train.steps - step)
         log.info(
             "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  eta %.0fs",
             step, self.cfg.train.steps, m["train/loss"], m["train/grad_norm"], m["train/lr"],
-            m["train/tokens_per_s"], eta,
+            m["train/tokens_per_s"], per_step * (self.cfg.train.steps - step),
         )
 
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        training.save(Path(c.dir), self.progress, self.model, self.optimizer, self.scheduler,
+                      self.cfg.model, c.keep_last, self.hf_source)
+        self.saved_step = self.progress.step
+
     def finish(self) -> None:
-        if self.cfg.checkpoint.save_final:
-            path = self.run_dir / "checkpoints" / "final"
-            save_weights([m.module for m in self.model], path)
-            log.info("saved final weights to %s", path)
+        if self.cfg.checkpoint.save_final and self.saved_step != self.progress.step:
+            self.save()
         self.metrics.close()

@@ -61,5 +61,9 @@ def build_optimizer(model: list[torch.nn.Module], cfg: JobConfig, layout: Parall
         end_wd=o.weight_decay,
         wd_incr_steps=steps,
         wd_incr_style="constant",
+        # On resume the config decides the schedule's shape (a run can be extended), the
+        # checkpoint its position.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

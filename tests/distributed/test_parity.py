@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from helpers import SMOKE, global_weights, qwen3kd
+from helpers import SMOKE, global_weights, last_checkpoint, qwen3kd
 
 from qwen3kd.tracking import read_metrics
 
@@ -51,11 +51,9 @@ def reference(tmp_path_factory):
     out = {}
     for name, cfg in MODELS.items():
         root = tmp_path_factory.mktemp(name)
-        qwen3kd("train", str(cfg), *COMMON, "train.steps=0", "checkpoint.save_final=true",
-                f"run.dir={root / 'init'}")
-        init = root / "init" / "checkpoints" / "final"
-        qwen3kd("train", str(cfg), *COMMON, f"checkpoint.load={init}", "checkpoint.save_final=true",
-                f"run.dir={root / 'ref'}")
+        qwen3kd("train", str(cfg), *COMMON, "train.steps=0", f"run.dir={root / 'init'}")
+        init = last_checkpoint(root / "init")
+        qwen3kd("train", str(cfg), *COMMON, f"checkpoint.load={init}", f"run.dir={root / 'ref'}")
         out[name] = (init, root / "ref")
     return out
 
@@ -69,12 +67,12 @@ def _compare(ref_dir, run_dir):
         assert a["train/tokens"] == b["train/tokens"]
     # The loss moved, so the 3 steps did train (a frozen model would "match" trivially).
     assert ref[-1]["train/loss"] < ref[0]["train/loss"]
-    wa = global_weights(ref_dir / "checkpoints" / "final")
-    wb = global_weights(run_dir / "checkpoints" / "final")
+    wa = global_weights(last_checkpoint(ref_dir))
+    wb = global_weights(last_checkpoint(run_dir))
     assert wa.keys() == wb.keys()
     worst = max(((a - wb[k]).abs().max().item(), k) for k, a in wa.items())
     assert worst[0] <= TOL, f"parameter {worst[1]} differs by {worst[0]:.3g}"
-    init = global_weights(ref_dir.parent / "init" / "checkpoints" / "final")
+    init = global_weights(last_checkpoint(ref_dir.parent / "init"))
     moved = max((wa[k] - init[k]).abs().max().item() for k in wa)
     assert moved > 100 * TOL
 
@@ -86,7 +84,7 @@ def test_parallel_layout_matches_single_process(reference, model, layout, tmp_pa
     init, ref_dir = reference[model]
     cfg = MODELS[model]
     qwen3kd("train", str(cfg), *COMMON, *LAYOUTS[model][layout], f"checkpoint.load={init}",
-            "checkpoint.save_final=true", f"run.dir={tmp_path}", nproc=2)
+            f"run.dir={tmp_path}", nproc=2)
     _compare(ref_dir, tmp_path)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SMOKE, global_weights, qwen3kd
+from helpers import SMOKE, global_weights, last_checkpoint, qwen3kd
 
 from qwen3kd.tracking import read_metrics
 
@@ -36,18 +36,18 @@ def test_moe_aux_loss_under_sequence_parallel_is_weighted_like_one_process(tmp_p
     """Without the fix, TP=2+SP trains the router with half the load-balancing gradient: same
     losses, different router weights. With it, router weights match a one-process run."""
     common = [str(SMOKE / "lm-tiny-moe.yaml"), "train.steps=2", "train.global_batch_size=2",
-              "train.micro_batch_size=1", "optim.adam_eps=1e-5", "optim.warmup_steps=0", "checkpoint.save_final=true",
+              "train.micro_batch_size=1", "optim.adam_eps=1e-5", "optim.warmup_steps=0",
               "optim.lr=1e-3", "model.router_aux_loss_coef=0.1"]
     init = tmp_path / "init"
     qwen3kd("train", *common, "train.steps=0", f"run.dir={init}")
-    load = f"checkpoint.load={init / 'checkpoints' / 'final'}"
+    load = f"checkpoint.load={last_checkpoint(init)}"
     qwen3kd("train", *common, load, f"run.dir={tmp_path / 'ref'}")
     sp = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
     qwen3kd("train", *common, load, *sp, f"run.dir={tmp_path / 'fixed'}", nproc=2)
     qwen3kd("train", *common, load, *sp, f"run.dir={tmp_path / 'stock'}", nproc=2,
             env={"QWEN3KD_SKIP_PATCHES": "moe_aux_loss_sp"})
     key = "decoder.layers.mlp.router.weight"
-    ref, fixed, stock = (global_weights(tmp_path / r / "checkpoints" / "final")[key]
+    ref, fixed, stock = (global_weights(last_checkpoint(tmp_path / r))[key]
                          for r in ("ref", "fixed", "stock"))
     assert (fixed - ref).abs().max() <= 1e-5
     assert (stock - ref).abs().max() > 1e-4

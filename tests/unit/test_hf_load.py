@@ -61,7 +61,7 @@ def test_bad_checkpoints_name_the_problem(megatron_world, tmp_path):
         _megatron_logits(cfg, hf_dir, torch.zeros(1, 4, dtype=torch.long))
     other = load_config(MODELS / "tiny-dense.yaml", ["model.intermediate_size=256"])
     (tmp_path / "moved").rename(shard)
-    with pytest.raises(DataError, match=r"model.intermediate_size: preset 256, config.json 128"):
+    with pytest.raises(DataError, match=r"model.intermediate_size: config 256, config.json 128"):
         _megatron_logits(other, hf_dir, torch.zeros(1, 4, dtype=torch.long))
     (hf_dir / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(DataError, match="unsupported architecture 'LlamaForCausalLM'"):
