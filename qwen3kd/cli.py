@@ -1,6 +1,7 @@
 """`qwen3kd` command line: the only place that parses arguments.
 
     qwen3kd train CONFIG [key=value …] [--dry-run] [--debug]
+    qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
 
 Bad input (config, layout, files) ends with one line on stderr and exit status 2; `--debug`
 shows the traceback instead.
@@ -25,6 +26,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate config and layout, print sizes; build no tensors")
     t.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    c = sub.add_parser("convert", help="Hugging Face folder <-> Megatron checkpoint (streamed)")
+    c.add_argument("src", help="a Hugging Face folder, or a Megatron checkpoint (incl. training)")
+    c.add_argument("dst", help="the new directory (must not exist)")
+    c.add_argument("--to", required=True, choices=["megatron", "hf"])
+    c.add_argument("--model", help="model preset YAML: checked against SRC; needed for Megatron "
+                   "checkpoints not written by qwen3kd")
+    c.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="--to hf: output dtype (auto: the original config.json's, else as stored)")
+    c.add_argument("--max-shard-size", type=float, default=5.0,
+                   help="--to hf: GB per safetensors file")
+    c.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return p
 
 
@@ -75,20 +87,43 @@ def train(args) -> int:
     return 0
 
 
+def convert(args) -> int:
+    from pathlib import Path
+
+    from qwen3kd.checkpoint import convert as conv
+    from qwen3kd.config.loader import load_config
+
+    preset = load_config(args.model).model if args.model else None
+    try:
+        if args.to == "megatron":
+            conv.hf_to_megatron(Path(args.src), Path(args.dst), preset)
+        else:
+            conv.megatron_to_hf(Path(args.src), Path(args.dst), preset, conv.DTYPES.get(args.dtype),
+                                int(args.max_shard_size * 1e9))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after flags (`train cfg.yaml --dry-run a=1`): collect the leftovers.
     args, rest = parser.parse_known_args(argv)
-    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
-    if unknown or not hasattr(args, "overrides"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
-    args.overrides = [*args.overrides, *rest]
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r or not takes_overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if takes_overrides:
+        args.overrides = [*args.overrides, *rest]
     from qwen3kd.errors import UserError
     from qwen3kd.log import setup_logging
 
     setup_logging(args.debug)
     try:
-        return {"train": train}[args.command](args)
+        return {"train": train, "convert": convert}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

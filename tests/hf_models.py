@@ -9,8 +9,10 @@ import torch
 from qwen3kd.config.schema import ModelConfig
 
 
-def save_tiny_hf(model: ModelConfig, out: Path, seed: int = 0, shard_size: str = "40KB") -> Path:
-    """Save a random transformers model with `model`'s architecture, in several safetensors shards."""
+def save_tiny_hf(model: ModelConfig, out: Path, seed: int = 0, shard_size: str = "40KB",
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random transformers model with `model`'s architecture, in several safetensors
+    shards, with small stand-in tokenizer files (to check they travel unchanged)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     common = dict(
@@ -38,8 +40,10 @@ def save_tiny_hf(model: ModelConfig, out: Path, seed: int = 0, shard_size: str =
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.05)
-    hf.save_pretrained(out, max_shard_size=shard_size)
-    return out
+    hf.to(dtype).save_pretrained(out, max_shard_size=shard_size)
+    (Path(out) / "tokenizer_config.json").write_text('{"model_max_length": 512, "note": "stand-in"}\n')
+    (Path(out) / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}\n")
+    return Path(out)
 
 
 def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:

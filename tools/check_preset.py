@@ -14,14 +14,14 @@ import logging
 import sys
 from pathlib import Path
 
-from qwen3kd.checkpoint.hf import unsupported
+from qwen3kd.checkpoint.hf import arch_fields, unsupported
 from qwen3kd.checkpoint.manifest import differences as arch_differences
 from qwen3kd.config.loader import load_config
 
 log = logging.getLogger("check_preset")
 
 def differences(model, hf: dict) -> list[str]:
-    return arch_differences(model, hf, "config.json", ours="preset") + unsupported(hf)
+    return arch_differences(model, arch_fields(hf), "config.json", ours="preset") + unsupported(hf)
 
 
 def main(argv: list[str] | None = None) -> int:

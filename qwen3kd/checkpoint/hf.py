@@ -22,6 +22,8 @@ from qwen3kd.errors import DataError
 # config.json fields that hold for every Qwen3 checkpoint and that the mapping table assumes.
 ASSUMED = {"hidden_act": "silu", "attention_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
 INDEX = "model.safetensors.index.json"
+_OPEN_SHARDS = 1
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 SINGLE = "model.safetensors"
 class HFCheckpoint:
     """A Hugging Face model folder: config.json plus safetensors (one file, or shards + index)."""
@@ -57,7 +59,7 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         from safetensors import safe_open
 
         file = self.weight_map.get(name)
@@ -67,18 +69,46 @@ class HFCheckpoint:
             shard_path = self.path / file
             if not shard_path.is_file():
                 raise DataError(f"{shard_path}: shard file missing (needed for tensor '{name}')")
+            # One shard mapped at a time: readers go layer by layer, and a mapped shard's pages
+            # count in the process's resident memory.
+            while len(self._open) >= _OPEN_SHARDS:
+                self._open.pop(next(iter(self._open)))
             self._open[file] = safe_open(shard_path, "pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor, from the shard's header (no data read)."""
+        return _DTYPES[self._handle(name).get_slice(name).get_dtype()]
+
+    def missing_files(self) -> list[Path]:
+        return [self.path / f for f in sorted(set(self.weight_map.values()))
+                if not (self.path / f).is_file()]
 
     def close(self) -> None:
         self._open.clear()
 
     def model_config(self, name: str | None = None) -> ModelConfig:
-        c = self.config
-        kw = {k: c[k] for k in ARCH_FIELDS if k in c}
-        if "head_dim" not in c:
-            kw["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
-        return ModelConfig(name=name or self.path.name, **kw)
+        return ModelConfig(name=name or self.path.name, **arch_fields(self.config))
+
+
+def arch_fields(config: dict) -> dict:
+    """The architecture fields of a config.json, whichever transformers version wrote it
+    (5.x writes `num_local_experts` and `rope_parameters.rope_theta`; the Qwen3 releases
+    `num_experts` and `rope_theta`)."""
+    c = dict(config)
+    if "num_local_experts" in c:
+        c.setdefault("num_experts", c["num_local_experts"])
+    if isinstance(c.get("rope_parameters"), dict) and "rope_theta" in c["rope_parameters"]:
+        c.setdefault("rope_theta", c["rope_parameters"]["rope_theta"])
+    if "head_dim" not in c and "hidden_size" in c:
+        c["head_dim"] = c["hidden_size"] // c["num_attention_heads"]
+    return {k: c[k] for k in ARCH_FIELDS if k in c}
 
 
 def unsupported(config: dict) -> list[str]:
@@ -113,7 +143,7 @@ def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: Model
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
 
-    diffs = differences(model, ckpt.config, "config.json")
+    diffs = differences(model, arch_fields(ckpt.config), "config.json")
     if diffs:
         raise DataError(f"{ckpt.path}/config.json does not match the model config: " + "; ".join(diffs))
     table = TABLES[ckpt.architecture]

@@ -107,12 +107,21 @@ def layer_spec(cfg: JobConfig):
     )
 
 
-def build_model(cfg: JobConfig, layout: ParallelLayout) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage). Needs `layout.init()` first."""
+def build_model(cfg: JobConfig, layout: ParallelLayout, meta: bool = False) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage). Needs `layout.init()` first.
+    `meta`: parameters without storage (shapes and names only), for streaming conversion."""
+    if meta:
+        with torch.device("meta"):
+            tcfg = transformer_config(cfg, layout)
+            tcfg.use_cpu_initialization, tcfg.perform_initialization = True, False
+            return _build(cfg, layout, tcfg, to_gpu=False)
+    return _build(cfg, layout, transformer_config(cfg, layout), to_gpu=torch.cuda.is_available())
+
+
+def _build(cfg: JobConfig, layout: ParallelLayout, tcfg, to_gpu: bool) -> list[torch.nn.Module]:
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    tcfg = transformer_config(cfg, layout)
     spec = layer_spec(cfg)
     m = cfg.model
     chunks = []
@@ -134,7 +143,7 @@ def build_model(cfg: JobConfig, layout: ParallelLayout) -> list[torch.nn.Module]
             for name, p in model.named_parameters():
                 if ".router." in name:
                     p.requires_grad_(False)
-        if torch.cuda.is_available():
+        if to_gpu:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks

@@ -1,6 +1,9 @@
-"""torchrun worker: load a Hugging Face folder into megatron at a layout, write the full logits.
+"""torchrun worker: load checkpoints into megatron at a layout, write the full logits of each.
 
-    torchrun --nproc_per_node 2 hf_logits_worker.py HF_DIR OUT.pt PRESET.yaml [key=value …]
+    torchrun --nproc_per_node 2 hf_logits_worker.py SRC[,SRC…] OUT_PREFIX PRESET.yaml [key=value …]
+
+Each SRC is what `checkpoint.load` accepts (a Hugging Face folder or a Megatron checkpoint); the
+logits of the i-th go to OUT_PREFIX.i.pt.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ import sys
 import torch
 
 
-def main(hf_dir: str, out: str, preset: str, *overrides: str) -> None:
+def main(sources: str, out: str, preset: str, *overrides: str) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     import megatron_patches
-    from qwen3kd.checkpoint.hf import HFCheckpoint, load_hf_into
+    from qwen3kd.checkpoint.weights import load_initial_weights
     from qwen3kd.config.loader import load_config
     from qwen3kd.config.validate import validate
     from qwen3kd.models.qwen3 import build_model
@@ -27,7 +30,6 @@ def main(hf_dir: str, out: str, preset: str, *overrides: str) -> None:
     layout = validate(cfg)
     layout.init(seed=0)
     chunks = build_model(cfg, layout)
-    load_hf_into(chunks, HFCheckpoint(hf_dir), cfg.model)
     for c in chunks:
         c.eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -41,14 +43,19 @@ def main(hf_dir: str, out: str, preset: str, *overrides: str) -> None:
         next(it)
         return model(tokens, pos, None), loss_func
 
-    with torch.no_grad():
-        data = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([0]), model=chunks[0],
-            num_microbatches=1, seq_length=24, micro_batch_size=2, forward_only=True,
-        )
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        torch.save(data[0]["logits"], out)
-    dist.barrier()
+    for i, src in enumerate(sources.split(",")):
+        with torch.no_grad():
+            for c in chunks:  # a failed load must not leave the previous weights in place
+                for p in c.parameters():
+                    p.fill_(float("nan"))
+            load_initial_weights(chunks, src, cfg.model)
+            data = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([0]), model=chunks[0],
+                num_microbatches=1, seq_length=24, micro_batch_size=2, forward_only=True,
+            )
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            torch.save(data[0]["logits"], f"{out}.{i}.pt")
+        dist.barrier()
     layout.destroy()
 
 

@@ -1,5 +1,6 @@
-"""A Hugging Face checkpoint loaded at TP=2, PP=2 and EP=2 gives transformers' logits
-(max |Δ| ≤ 1e-4, fp32). TP=1 is in tests/unit/test_hf_load.py."""
+"""A Hugging Face checkpoint gives transformers' logits (max |Δ| ≤ 1e-4, fp32) at TP=1, TP=2,
+PP=2 and EP=2, both loaded directly and after `qwen3kd convert --to megatron` (the converted
+checkpoint is written at TP=PP=EP=1 and resharded on load)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, _env, _port
+from helpers import ROOT, _env, _port, qwen3kd
 from hf_models import hf_logits, save_tiny_hf
 
 from qwen3kd.config.loader import load_config
@@ -18,6 +19,9 @@ pytestmark = pytest.mark.distributed
 MODELS = ROOT / "configs" / "models"
 TIED = ["model.tie_word_embeddings=true"]
 CASES = {
+    "dense-tp1": ("tiny-dense", [], []),
+    "tied-tp1": ("tiny-dense", TIED, []),
+    "moe-tp1": ("tiny-moe", [], []),
     "dense-tp2": ("tiny-dense", [], ["parallel.tensor=2"]),
     "dense-pp2": ("tiny-dense", [], ["parallel.pipeline=2"]),
     "tied-tp2": ("tiny-dense", TIED, ["parallel.tensor=2"]),
@@ -37,22 +41,26 @@ def hf_folders(tmp_path_factory):
         if key in out:
             continue
         cfg = load_config(MODELS / f"{preset}.yaml", model_overrides)
-        path = save_tiny_hf(cfg.model, tmp_path_factory.mktemp(preset) / "hf")
+        root = tmp_path_factory.mktemp(preset)
+        path = save_tiny_hf(cfg.model, root / "hf")
+        qwen3kd("convert", str(path), str(root / "megatron"), "--to", "megatron")
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-        out[key] = (path, hf_logits(path, tokens))
+        out[key] = (path, root / "megatron", hf_logits(path, tokens))
     return out
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_layout_logits_match_transformers(hf_folders, case, tmp_path):
     preset, model_overrides, layout = CASES[case]
-    hf_dir, ref = hf_folders[(preset, tuple(model_overrides))]
-    out = tmp_path / "logits.pt"
+    hf_dir, megatron_dir, ref = hf_folders[(preset, tuple(model_overrides))]
+    out = tmp_path / "logits"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-           str(ROOT / "tests/distributed/hf_logits_worker.py"), str(hf_dir), str(out),
+           str(ROOT / "tests/distributed/hf_logits_worker.py"), f"{hf_dir},{megatron_dir}", str(out),
            str(MODELS / f"{preset}.yaml"), *model_overrides, *layout]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
-    ours = torch.load(out)
-    assert ours.shape == ref.shape
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max() > 0.1  # the model says something
+    for source in (0, 1):  # loaded directly, then converted
+        ours = torch.load(f"{out}.{source}.pt")
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-4, ("direct", "converted")[source]
