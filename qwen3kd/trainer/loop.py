@@ -108,8 +108,8 @@ class Trainer:
 
         t = self.cfg.train
         batches = micro_batches(
-            self.dataset, self.progress.consumed_samples, t.global_batch_size, t.micro_batch_size, self.dp_rank,
-            self.layout.dp, t.seq_length,
+            self.dataset, self.progress.consumed_samples, t.global_batch_size, t.micro_batch_size,
+            self.dp_rank, self.layout.dp, t.seq_length,
         )
         for m in self.model:
             m.zero_grad_buffer()
@@ -188,9 +188,11 @@ class Trainer:
 
     def save(self) -> None:
         c = self.cfg.checkpoint
-        training.save(Path(c.dir), self.progress, self.model, self.optimizer, self.scheduler,
-                      self.cfg.model, c.keep_last, self.hf_source)
+        path = training.save(Path(c.dir), self.progress, self.model, self.optimizer, self.scheduler,
+                             self.cfg.model, c.keep_last, self.hf_source)
         self.saved_step = self.progress.step
+        if self.hf_source is not None:  # the source may be an older checkpoint, soon pruned
+            self.hf_source = path / "hf"
 
     def finish(self) -> None:
         if self.cfg.checkpoint.save_final and self.saved_step != self.progress.step:

@@ -82,15 +82,24 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_keep_last_and_resume_of_a_finished_run(tmp_path):
-    config = str(SMOKE / "lm-tiny-dense.yaml")
-    args = [config, "train.steps=4", "optim.warmup_steps=1", "checkpoint.interval=1", "checkpoint.keep_last=2",
-            f"run.dir={tmp_path}"]
+    """A student started from a Hugging Face folder: its files travel into every checkpoint, also
+    after the checkpoint a run resumed from has been pruned."""
+    from hf_models import save_tiny_hf
+
+    from qwen3kd.config.loader import load_config
+
+    config = SMOKE / "lm-tiny-dense.yaml"
+    hf = save_tiny_hf(load_config(config).model, tmp_path / "hf")
+    args = [str(config), "train.steps=4", "optim.warmup_steps=1", "checkpoint.interval=1",
+            "checkpoint.keep_last=1", f"checkpoint.load={hf}", f"run.dir={tmp_path / 'run'}"]
     qwen3kd("train", *args)
-    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [3, 4]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [4]
     # Extending the run: the schedule comes from the config, the position from the checkpoint.
-    qwen3kd("train", *args, "train.steps=5", "resume=auto")
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
-    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [4, 5]
+    qwen3kd("train", *args, "train.steps=6", "resume=auto")
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [6]
+    assert (ckpts / "step_0000006" / "hf" / "config.json").read_bytes() == (hf / "config.json").read_bytes()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch Adam path (no TE / Apex)")
