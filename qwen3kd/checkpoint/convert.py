@@ -38,6 +38,7 @@ from qwen3kd.checkpoint.manifest import (
 )
 from qwen3kd.config.schema import JobConfig, LayerImpl, ModelConfig, ParallelConfig, TrainConfig
 from qwen3kd.errors import DataError, UserError
+from qwen3kd.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +124,6 @@ def _layout(model_cfg: ModelConfig):
     return ParallelLayout.from_config(ParallelConfig(world_size=1), model_cfg, 1)
 
 
-def _return_freed_memory() -> None:
-    """glibc raises its mmap threshold after large frees, so later layer-sized tensors come from
-    the heap and stay resident after they are freed: streaming would grow to ~half the model
-    (measured). A fixed 1 MiB threshold sends every large tensor back to the OS when freed."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
 def start(model_cfg: ModelConfig) -> None:
     """The one-process torch.distributed world megatron's checkpointing needs (or the caller's,
     if it already has one without model parallelism)."""
@@ -145,7 +131,7 @@ def start(model_cfg: ModelConfig) -> None:
 
     import megatron_patches
 
-    _return_freed_memory()
+    return_freed_memory()
     megatron_patches.apply_all()
     if not dist.is_initialized():
         _layout(model_cfg).init(seed=0)
