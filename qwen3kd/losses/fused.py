@@ -108,6 +108,7 @@ class _FusedKD(torch.autograd.Function):
         h = _gather_sequence(hidden, grp) if sequence_parallel else hidden
         th = _gather_sequence(t_hidden, grp) if (sequence_parallel and t_hidden is not None) else t_hidden
         n, T = h.shape[0], spec.temperature
+        scale = 1.0 / normalizer if normalizer > 0 else 0.0  # folded into each chunk's gradient
         vocab_start = _vocab_start(weight.shape[0], grp)
         sums = torch.zeros(6, dtype=torch.float64, device=h.device)  # loss, kl, H(p), H(q), topk, ce
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
@@ -134,7 +135,7 @@ class _FusedKD(torch.autograd.Function):
                 sums[0] += ((1 - spec.alpha) * m * ce).sum().double()
                 sums[5] += (m * ce).sum().double()
                 grad_z = log_q1.exp_().sub_(_one_hot(labels[sl], vocab_start, z.shape[1]))
-                grad_z.mul_(((1 - spec.alpha) * m)[:, None])
+                grad_z.mul_(((1 - spec.alpha) * scale * m)[:, None])
                 del log_q1
             log_q = grp.log_softmax_(z, T, q, may_be_inf=False)
             log_p = grp.log_softmax_(zt, T, p, may_be_inf=t_logits is not None)
@@ -148,7 +149,7 @@ class _FusedKD(torch.autograd.Function):
                 d, dd_du = _chunk_terms(log_q, log_p, q, p, spec, grp)
                 _metrics(sums, log_q, log_p, q, p, None, m, spec, grp)
             sums[0] += (m * d).sum().double() * (spec.alpha * T * T)
-            dd_du.mul_((m * (spec.alpha * T))[:, None])  # dL/dz, before / normalizer
+            dd_du.mul_((m * (spec.alpha * T * scale))[:, None])  # dL/dz
             if grad_z is not None:
                 dd_du.add_(grad_z)
             if need_grad:
@@ -165,21 +166,22 @@ class _FusedKD(torch.autograd.Function):
                 grad_w_set = True
         del ws
         metrics_out.copy_(sums)
-        scale = 1.0 / normalizer if normalizer > 0 else 0.0
         if need_grad and not grad_w_set:  # no valid token: the gradient is zero
             grad_w.zero_()
         if need_grad:
             # Each rank's vocabulary shard contributes to dL/dh: sum over TP (and with sequence
             # parallelism keep only this rank's slice of the sequence).
             grad_h = _reduce_scatter(grad_h, grp) if sequence_parallel else grp.all_reduce(grad_h)
-            # Scaled in place and handed to autograd as they are (one [V/TP, H] buffer, not three).
-            ctx.save_for_backward(grad_h.mul_(scale).to(hidden.dtype), grad_w.mul_(scale).to(weight.dtype))
+            # Kept on ctx, not saved tensors: backward hands them over as they are, so autograd
+            # can take the [V/TP, H] buffer as the weight's .grad without copying it.
+            ctx.grads = [grad_h.to(hidden.dtype), grad_w.to(weight.dtype)]
         return torch.tensor(float(sums[0]) * scale, dtype=torch.float32, device=h.device)
 
     @staticmethod
     def backward(ctx, grad_out):
-        # Once only (no retain_graph through this loss): the stored gradients are scaled in place.
-        grad_h, grad_w = ctx.saved_tensors
+        # Once only (no retain_graph through this loss): the stored gradients are handed over.
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
         if grad_out.item() != 1.0:
             grad_h.mul_(grad_out)
             grad_w.mul_(grad_out)
