@@ -223,3 +223,18 @@ def test_sampled_reverse_kl_is_unbiased_in_value_and_gradient():
     exact.backward()
     assert estimate.item() == pytest.approx(exact.item(), abs=0.02)
     assert (z.grad - ze.grad).abs().max().item() < 0.02
+
+
+def test_fused_gradient_follows_the_upstream_gradient(megatron_world):
+    """A scaled loss (e.g. a loss-scale or a mixing weight) scales the handed-over gradients."""
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 8, generator=g), torch.randn(12, 8, generator=g)
+    teacher = torch.randn(9, 12, generator=g)
+    mask = torch.ones(9, dtype=torch.bool)
+    grads = []
+    for factor in (1.0, 2.5):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = fused_kd_loss(h, w, mask, KDSpec("reverse_kl", chunk=4), teacher_logits=teacher)
+        (factor * loss).backward()
+        grads.append((h.grad, w.grad))
+    assert torch.allclose(grads[1][0], 2.5 * grads[0][0]) and torch.allclose(grads[1][1], 2.5 * grads[0][1])
