@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--tokens", default="1024,4096")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=192)
     p.add_argument("--ours-only", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=["naive", "ours"], help=argparse.SUPPRESS)

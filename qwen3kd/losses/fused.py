@@ -37,7 +37,7 @@ class KDSpec:
     beta: float = 0.5  # jsd
     skew: float = 0.1  # skew_*_kl
     alpha: float = 1.0  # weight of KD against cross-entropy (needs labels when < 1)
-    chunk: int = 128  # tokens per chunk: working memory ≈ 6 × chunk × V/TP × 4 bytes
+    chunk: int = 192  # tokens per chunk: working memory ≈ 4 × chunk × V/TP × 4 bytes
     topk: int = 20  # for the teacher's top-k mass metric
 
 
