@@ -24,6 +24,14 @@ def check_version(name: str, supported: str) -> None:
         )
 
 
+def torch_adam_in_distopt() -> bool:
+    """The distributed optimizer wraps torch's Adam (no Transformer Engine / Apex FusedAdam):
+    where the distopt_* checkpoint patches apply."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
 def swap(obj: object, attr: str, new: object) -> Undo:
     """setattr(obj, attr, new) and return a function that puts the old value back."""
     missing = object()

@@ -10,17 +10,14 @@ Remove when megatron-core handles an unallocated torch-Adam state in `state_dict
 
 from megatron.core.optimizer import distrib_optimizer
 
-from megatron_patches._util import Undo, swap
+from megatron_patches._util import Undo, swap, torch_adam_in_distopt
 
 NAME = "distopt_fresh_state"
 CPU_ONLY = False
 SUPPORTED = ">=0.16.1,<0.17"
+applies = torch_adam_in_distopt
 
 _original = distrib_optimizer.DistributedOptimizer.state_dict
-
-
-def applies() -> bool:
-    return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
 def state_dict(self):

@@ -12,17 +12,14 @@ groups). Remove when megatron-core skips `step` there.
 import torch
 from megatron.core.optimizer import distrib_optimizer
 
-from megatron_patches._util import Undo, swap
+from megatron_patches._util import Undo, swap, torch_adam_in_distopt
 
 NAME = "distopt_load_step"
 CPU_ONLY = False
 SUPPORTED = ">=0.16.1,<0.17"
+applies = torch_adam_in_distopt
 
 _original = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
-
-
-def applies() -> bool:
-    return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
 def _set_main_param_and_optimizer_states(self, model_param, tensors):

@@ -10,17 +10,14 @@ megatron-core clones the step tensor there.
 
 from megatron.core.optimizer import distrib_optimizer
 
-from megatron_patches._util import Undo, swap
+from megatron_patches._util import Undo, swap, torch_adam_in_distopt
 
 NAME = "distopt_shared_step"
 CPU_ONLY = False
 SUPPORTED = ">=0.16.1,<0.17"
+applies = torch_adam_in_distopt
 
 _original = distrib_optimizer.DistributedOptimizer.load_state_dict
-
-
-def applies() -> bool:
-    return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
 def load_state_dict(self, state_dict):

@@ -267,10 +267,10 @@ def megatron_to_hf(src: Path, dst: Path, preset: ModelConfig | None = None,
         stored = FileSystemReader(str(src)).read_metadata().state_dict_metadata
         model = _meta_model(model_cfg)
         units = _Units(model, model_cfg)
+        missing = sorted({key for key, _ in units.unit_index} - set(stored))
+        if missing:
+            raise DataError(f"{src}: tensor '{missing[0]}' is missing")
         for unit in units.entries:  # meta dtypes = stored dtypes
-            for sh in units.built(unit):
-                if sh.key not in stored:
-                    raise DataError(f"{src}: tensor '{sh.key}' is missing")
             for name, entry in units.entries[unit].items():
                 units.tensors[name] = _meta_like(units.tensors[name], stored[entry.key].properties.dtype)
         out_dtype = dtype or _config_dtype(hf_files) or next(iter(units.tensors.values())).dtype

@@ -31,6 +31,7 @@ from qwen3kd import faults
 from qwen3kd.checkpoint.dcp import SyncSave
 from qwen3kd.checkpoint.hf import copy_hf_files
 from qwen3kd.checkpoint.manifest import check_model, read_manifest, write_manifest
+from qwen3kd.checkpoint.weights import model_sharded_state
 from qwen3kd.config.schema import ModelConfig
 from qwen3kd.errors import DataError
 
@@ -70,9 +71,7 @@ def latest(root: Path) -> Path | None:
 
 
 def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
-    from megatron.core.utils import unwrap_model
-
-    state = {f"model{i}": unwrap_model(m).sharded_state_dict() for i, m in enumerate(model)}
+    state = model_sharded_state(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_DISTOPT)
     return state
 

@@ -16,6 +16,13 @@ from qwen3kd.config.schema import ModelConfig
 from qwen3kd.errors import DataError
 
 
+def model_sharded_state(chunks: list[torch.nn.Module]) -> dict:
+    """The model chunks' megatron sharded state dict, one entry per (virtual pipeline) chunk."""
+    from megatron.core.utils import unwrap_model
+
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
 def load_weights(chunks: list[torch.nn.Module], path: Path, model: ModelConfig) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -26,7 +33,7 @@ def load_weights(chunks: list[torch.nn.Module], path: Path, model: ModelConfig) 
         raise DataError(f"{path}: not a Megatron distributed checkpoint (no metadata.json) and "
                         "not a Hugging Face folder (no config.json)")
     check_model(path, model)
-    sharded = {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    sharded = model_sharded_state(chunks)
     try:
         state = dist_checkpointing.load(sharded, str(path))
     except (CheckpointingException, KeyError) as e:
