@@ -20,7 +20,7 @@ log = logging.getLogger("qwen3kd")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3kd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the student (plain causal LM for now)")
+    t = sub.add_parser("train", help="train the student: distillation when the config has a teacher, else causal LM")
     t.add_argument("config", help="experiment YAML (a delta on the defaults in qwen3kd/config)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
     t.add_argument("--dry-run", action="store_true",
@@ -82,6 +82,9 @@ def train(args) -> int:
     try:
         trainer.setup()
         trainer.train()
+    except BaseException:
+        trainer.fail()
+        raise
     finally:
         layout.destroy()
     return 0

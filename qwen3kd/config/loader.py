@@ -2,7 +2,8 @@
 
 A YAML file is a delta on the dataclass defaults. It may start with `include: [a.yaml, …]`
 (paths relative to the including file), merged in order before the file's own keys; that is how an
-experiment picks a model preset. Command-line overrides are OmegaConf dotlist `key=value` items.
+experiment picks a model preset. `PATH@KEY` merges the file under KEY instead of at the top: a
+preset's `model:` becomes the teacher's with `include: [../models/qwen3-32b.yaml@teacher]`. Command-line overrides are OmegaConf dotlist `key=value` items.
 Everything runs in struct mode, so an unknown key anywhere is an error that names it.
 """
 
@@ -51,7 +52,13 @@ def _layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]
         raise ConfigError(f"{path}: '{INCLUDE_KEY}' must be a list of paths")
     out: list[tuple[Path, dict]] = []
     for inc in includes:
-        out += _layers(path.parent / inc, (*stack, path))
+        if not isinstance(inc, str):
+            raise ConfigError(f"{path}: '{INCLUDE_KEY}' items must be paths, got {inc!r}")
+        file, _, under = inc.partition("@")
+        for src, layer in _layers(path.parent / file, (*stack, path)):
+            for key in reversed(under.split(".") if under else []):
+                layer = {key: layer}
+            out.append((src, layer))
     out.append((path, data))
     return out
 

@@ -47,6 +47,38 @@ class LRDecay(str, Enum):
 class DataKind(str, Enum):
     synthetic = "synthetic"  # a deterministic, learnable token stream (smoke runs, parity tests)
     tokens = "tokens"  # JSONL, one {"input_ids": [...]} per line
+    chat = "chat"  # JSONL conversations rendered with the tokenizer's chat template (distillation)
+
+
+class Overlong(str, Enum):
+    """What happens to a rendered sample longer than train.seq_length + 1 tokens."""
+
+    truncate = "truncate"  # keep the first seq_length + 1 tokens (the prompt must fit)
+    drop = "drop"
+
+
+class BadLine(str, Enum):
+    error = "error"  # stop before training, naming file and line
+    skip = "skip"  # skip it, count it, log the count
+
+
+class Mode(str, Enum):
+    think = "think"
+    no_think = "no_think"
+
+
+class KDKind(str, Enum):
+    forward_kl = "forward_kl"  # KL(teacher ‖ student): mode-covering, the off-policy default
+    reverse_kl = "reverse_kl"  # KL(student ‖ teacher): mode-seeking, the on-policy default
+    jsd = "jsd"
+    skew_forward_kl = "skew_forward_kl"
+    skew_reverse_kl = "skew_reverse_kl"
+
+
+class TeacherPrecision(str, Enum):
+    auto = "auto"  # bf16 on a GPU, fp32 on a CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
 
 
 @dataclass
@@ -123,7 +155,18 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.synthetic
-    path: str | None = None  # for kind=tokens
+    path: str | None = None  # for kind=tokens and kind=chat
+    # kind=chat: a Hugging Face tokenizer folder (tokenizer files + chat template). None: the
+    # student's checkpoint.load folder (or its hf/ folder).
+    tokenizer: str | None = None
+    eval_path: str | None = None  # held-out conversations for evaluation (kind=chat)
+    default_mode: Mode = Mode.think  # for samples without a "mode" field
+    pack: bool = True  # several samples per sequence, attention kept within each sample
+    overlong: Overlong = Overlong.truncate
+    bad_line: BadLine = BadLine.error
+    # The token that closes an assistant turn; the loss covers the answer up to and including it.
+    end_of_turn: str = "<|im_end|>"
+    shuffle: bool = True  # shuffle samples (seeded by train.seed) before packing
 
 
 @dataclass
@@ -141,6 +184,50 @@ class CheckpointConfig:
 
 
 @dataclass
+class KDConfig:
+    """The distillation loss (qwen3kd.losses.fused): (1 − alpha)·CE + alpha·T²·D(teacher, student)."""
+
+    kind: KDKind = KDKind.forward_kl
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of KD against cross-entropy on the same tokens
+    beta: float = 0.5  # jsd mixture weight
+    skew: float = 0.1  # skew_*_kl mixture weight
+    chunk: int = 192  # tokens per chunk of the vocabulary-parallel loss
+    topk: int = 20  # for the teacher top-k mass metric
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen teacher run in the trainer, with the student's tensor and pipeline layout.
+    Its architecture is a model preset merged under `teacher`: `include: [PRESET.yaml@teacher]`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Weights: a Hugging Face folder or a Megatron checkpoint (any layout). None: random init
+    # (only for tests).
+    load: str | None = None
+    tokenizer: str | None = None  # None: the tokenizer files next to `load`
+    precision: TeacherPrecision = TeacherPrecision.auto
+    offload: bool = False  # keep its weights in CPU memory between training steps (GPU)
+    # Experts only: train even when the teacher's and student's tokenizers or chat templates differ.
+    skip_conformance: bool = False
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # evaluate every `interval` steps (and at the end); 0: never
+    samples: int = 64  # held-out sequences per evaluation (from data.eval_path)
+    log_samples: int = 4  # rendered held-out samples with their KL / CE, logged as an artifact
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # MLflow on rank 0; metrics.jsonl is written either way
+    uri: str | None = None  # None: sqlite:///<run.dir>/mlflow.db; or an http(s) tracking server
+    experiment: str = "qwen3kd"
+    timeout_s: float = 10.0  # an unreachable server costs at most about this, then is skipped
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str = "runs/${run.name}"
@@ -155,6 +242,12 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Distillation: a teacher makes the run a distillation (loss `kd`); without one the student
+    # trains alone on cross-entropy.
+    teacher: TeacherConfig | None = None
+    kd: KDConfig = field(default_factory=KDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # never: start from checkpoint.load (or random init); auto: continue from the newest complete
     # checkpoint under checkpoint.dir if there is one; or the path of one step checkpoint.
     resume: str = "never"

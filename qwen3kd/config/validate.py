@@ -17,21 +17,59 @@ def te_available() -> bool:
     return True
 
 
-def _check_model(m) -> None:
+def _check_model(m, key: str = "model") -> None:
     if m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError(
-            f"model.num_key_value_heads={m.num_key_value_heads} must divide "
-            f"model.num_attention_heads={m.num_attention_heads}"
+            f"{key}.num_key_value_heads={m.num_key_value_heads} must divide "
+            f"{key}.num_attention_heads={m.num_attention_heads}"
         )
     if m.num_experts:
         if not 0 < m.num_experts_per_tok <= m.num_experts:
             raise ConfigError(
-                f"model.num_experts_per_tok={m.num_experts_per_tok} must be in 1..model.num_experts"
+                f"{key}.num_experts_per_tok={m.num_experts_per_tok} must be in 1..{key}.num_experts"
             )
         if m.moe_intermediate_size <= 0:
-            raise ConfigError("model.moe_intermediate_size must be > 0 for an MoE model")
+            raise ConfigError(f"{key}.moe_intermediate_size must be > 0 for an MoE model")
     elif m.num_experts_per_tok:
-        raise ConfigError("model.num_experts_per_tok is set but model.num_experts is 0")
+        raise ConfigError(f"{key}.num_experts_per_tok is set but {key}.num_experts is 0")
+
+
+def _check_distillation(cfg: JobConfig, layout) -> None:
+    """The teacher shares the student's layout; the KD loss parameters are sane."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from qwen3kd.config.schema import ParallelConfig
+    from qwen3kd.distributed.layout import ParallelLayout
+    from qwen3kd.losses.reference import check_kd_params
+
+    k = cfg.kd
+    try:
+        check_kd_params(k.kind.value, k.temperature, k.beta, k.skew)
+    except ValueError as e:
+        raise ConfigError(f"kd: {e}") from None
+    if not 0 <= k.alpha <= 1 or k.chunk < 1 or k.topk < 1:
+        raise ConfigError("kd.alpha must be in [0, 1], kd.chunk and kd.topk >= 1")
+    t = cfg.teacher
+    if t is None:
+        if cfg.eval.interval:
+            raise ConfigError("eval.interval > 0 needs a teacher (evaluation reports KL)")
+        return
+    _check_model(t.model, "teacher.model")
+    par = replace(OmegaConf.to_object(cfg.parallel), first_stage_layers=None, last_stage_layers=None)
+    if t.model.num_experts and not cfg.model.num_experts and par.expert > 1:
+        raise ConfigError("parallel.expert > 1 with a dense student: the teacher shares the "
+                          "student's expert layout (a separate teacher EP is not supported yet)")
+    try:
+        ParallelLayout.from_config(ParallelConfig(**vars(par)), t.model, layout.world_size)
+    except ValueError as e:
+        raise ConfigError(f"teacher (built with the student's parallel layout, layers split "
+                          f"evenly): {str(e).replace('model.', 'teacher.model.')}") from None
+    if t.load and not Path(t.load).is_dir():
+        raise ConfigError(f"teacher.load: directory not found: {t.load}")
+    if cfg.eval.interval and not cfg.data.eval_path:
+        raise ConfigError("eval.interval > 0 needs data.eval_path (held-out conversations)")
 
 
 def _check_train(cfg: JobConfig, dp: int) -> None:
@@ -61,11 +99,20 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
 
 
 def _check_paths(cfg: JobConfig) -> None:
-    if cfg.data.kind.value == "tokens":
-        if not cfg.data.path:
-            raise ConfigError("data.kind=tokens needs data.path")
-        if not Path(cfg.data.path).is_file():
-            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+    d = cfg.data
+    if d.kind.value in ("tokens", "chat"):
+        if not d.path:
+            raise ConfigError(f"data.kind={d.kind.value} needs data.path")
+        if not Path(d.path).is_file():
+            raise ConfigError(f"data.path: file not found: {d.path}")
+    if d.eval_path and not Path(d.eval_path).is_file():
+        raise ConfigError(f"data.eval_path: file not found: {d.eval_path}")
+    for key, value in (("data.tokenizer", d.tokenizer),
+                       ("teacher.tokenizer", cfg.teacher.tokenizer if cfg.teacher else None)):
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"{key}: directory not found: {value}")
+    if cfg.tracking.timeout_s <= 0:
+        raise ConfigError("tracking.timeout_s must be > 0")
     if cfg.checkpoint.load and not Path(cfg.checkpoint.load).is_dir():
         raise ConfigError(f"checkpoint.load: directory not found: {cfg.checkpoint.load}")
     if cfg.resume not in ("never", "auto") and not (Path(cfg.resume) / "qwen3kd.json").is_file():
@@ -87,4 +134,5 @@ def validate(cfg: JobConfig, world_size: int | None = None):
         raise ConfigError(str(e)) from None
     _check_train(cfg, layout.dp)
     _check_paths(cfg)
+    _check_distillation(cfg, layout)
     return layout

@@ -1,30 +1,16 @@
-"""Token data for plain causal-LM training (the student alone, before distillation exists).
-
-A sample is addressed by its global index, so a run reads the same samples whatever its
-data-parallel size: sample `step·G + r·G/DP + j` goes to data-parallel rank r (G = global batch).
-"""
+"""Token data for plain causal-LM training of the student: one sequence per row, every label
+learned (see data/batches.py for how rows become micro-batches)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qwen3kd.config.schema import DataConfig, DataKind
+from qwen3kd.data.batches import Row
 from qwen3kd.errors import DataError
-
-IGNORE = 0  # loss-mask value of padding
-
-
-@dataclass
-class MicroBatch:
-    tokens: torch.Tensor  # [B, S] int64 input ids
-    labels: torch.Tensor  # [B, S] int64, tokens shifted left by one
-    loss_mask: torch.Tensor  # [B, S] float, 1 where the label is a real token
-    position_ids: torch.Tensor  # [B, S]
 
 
 class SyntheticTokens:
@@ -43,11 +29,11 @@ class SyntheticTokens:
     def __len__(self) -> int:
         return 2**62
 
-    def sample(self, index: int, length: int) -> np.ndarray:
+    def row(self, index: int, seq: int) -> Row:
         rng = np.random.default_rng([self.seed, index])
         start = rng.integers(self.alphabet)
         stride = self.STRIDES[rng.integers(len(self.STRIDES))]
-        return (start + stride * np.arange(length)) % self.alphabet
+        return _lm_row((start + stride * np.arange(seq + 1)) % self.alphabet)
 
 
 class JsonlTokens:
@@ -75,36 +61,15 @@ class JsonlTokens:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, index: int, length: int) -> np.ndarray:
-        return self.rows[index % len(self.rows)][:length]
+    def row(self, index: int, seq: int) -> Row:
+        return _lm_row(self.rows[index % len(self.rows)][: seq + 1])
+
+
+def _lm_row(ids: np.ndarray) -> Row:
+    return Row(ids=ids, mask=np.ones(len(ids) - 1, dtype=np.float32))
 
 
 def open_dataset(cfg: DataConfig, seed: int, vocab_size: int):
     if cfg.kind is DataKind.synthetic:
         return SyntheticTokens(seed, vocab_size)
     return JsonlTokens(str(Path(cfg.path)), vocab_size)
-
-
-def micro_batches(
-    dataset, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int, seq: int
-) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of the global batch that starts at sample
-    `first_sample` (the data position: samples consumed by earlier steps)."""
-    per_rank = global_batch // dp
-    first = first_sample + dp_rank * per_rank
-    out = []
-    for m in range(per_rank // micro_batch):
-        rows = [dataset.sample(first + m * micro_batch + j, seq + 1) for j in range(micro_batch)]
-        buf = np.zeros((micro_batch, seq + 1), dtype=np.int64)
-        mask = np.zeros((micro_batch, seq), dtype=np.float32)
-        for j, r in enumerate(rows):
-            buf[j, : len(r)] = r
-            mask[j, : len(r) - 1] = 1.0
-        t = torch.from_numpy(buf)
-        out.append(MicroBatch(
-            tokens=t[:, :-1].contiguous(),
-            labels=t[:, 1:].contiguous(),
-            loss_mask=torch.from_numpy(mask),
-            position_ids=torch.arange(seq).unsqueeze(0).expand(micro_batch, seq).contiguous(),
-        ))
-    return out

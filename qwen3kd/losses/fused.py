@@ -101,16 +101,17 @@ def _chunk_terms(log_q, log_p, q, p, spec: KDSpec, grp: _Group):
 
 class _FusedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, t_logits, mask, labels, normalizer,
-                spec: KDSpec, group, sequence_parallel: bool, metrics_out: torch.Tensor):
+    def forward(ctx, hidden, weight, t_hidden, t_weight, t_logits, mask, labels, groups,
+                normalizer, spec: KDSpec, group, sequence_parallel: bool, need_grad: bool,
+                metrics_out: torch.Tensor):
         grp = _Group(group)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         h = _gather_sequence(hidden, grp) if sequence_parallel else hidden
         th = _gather_sequence(t_hidden, grp) if (sequence_parallel and t_hidden is not None) else t_hidden
         n, T = h.shape[0], spec.temperature
         scale = 1.0 / normalizer if normalizer > 0 else 0.0  # folded into each chunk's gradient
         vocab_start = _vocab_start(weight.shape[0], grp)
-        sums = torch.zeros(6, dtype=torch.float64, device=h.device)  # loss, kl, H(p), H(q), topk, ce
+        # Per group of tokens (e.g. think / no_think): loss, kl, H(p), H(q), top-k mass, ce.
+        sums = torch.zeros(metrics_out.shape, dtype=torch.float64, device=h.device)
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         # Written by the first chunk's product, accumulated by the others (no zero-fill pass).
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
@@ -122,6 +123,7 @@ class _FusedKD(torch.autograd.Function):
             m = mask[sl].to(torch.float32)  # [c]
             if not m.any():
                 continue
+            acc = _Accumulator(sums, groups[sl] if groups is not None else None, m)
             z, zt, q, p = ws[:, : sl.stop - sl.start]
             _logits(h[sl], weight, z)  # [c, V/TP] student logits
             if t_logits is None:
@@ -129,13 +131,14 @@ class _FusedKD(torch.autograd.Function):
             else:
                 zt.copy_(t_logits[sl])
             grad_z = None
-            if spec.alpha < 1:  # cross-entropy at T = 1, before z is turned into log q in place
+            if labels is not None:  # cross-entropy at T = 1, before z is turned into log q in place
                 log_q1 = grp.log_softmax_(z.clone(), 1.0)
                 ce = -grp.all_reduce(_pick(log_q1, labels[sl], vocab_start))
-                sums[0] += ((1 - spec.alpha) * m * ce).sum().double()
-                sums[5] += (m * ce).sum().double()
-                grad_z = log_q1.exp_().sub_(_one_hot(labels[sl], vocab_start, z.shape[1]))
-                grad_z.mul_(((1 - spec.alpha) * scale * m)[:, None])
+                acc.add(0, (1 - spec.alpha) * ce)
+                acc.add(5, ce)
+                if spec.alpha < 1 and need_grad:
+                    grad_z = log_q1.exp_().sub_(_one_hot(labels[sl], vocab_start, z.shape[1]))
+                    grad_z.mul_(((1 - spec.alpha) * scale * m)[:, None])
                 del log_q1
             log_q = grp.log_softmax_(z, T, q, may_be_inf=False)
             log_p = grp.log_softmax_(zt, T, p, may_be_inf=t_logits is not None)
@@ -143,12 +146,12 @@ class _FusedKD(torch.autograd.Function):
                 h_q = -grp.all_reduce(_rowdot(q, log_q))
                 diff = log_q.neg_().add_(log_p)  # z now holds log p − log q
                 d = grp.all_reduce(_rowdot(p, diff))
-                _metrics(sums, None, log_p, None, p, d, m, spec, grp, h_q)
+                _metrics(acc, None, log_p, None, p, d, spec, grp, h_q)
                 dd_du = q.sub_(p)
             else:
                 d, dd_du = _chunk_terms(log_q, log_p, q, p, spec, grp)
-                _metrics(sums, log_q, log_p, q, p, None, m, spec, grp)
-            sums[0] += (m * d).sum().double() * (spec.alpha * T * T)
+                _metrics(acc, log_q, log_p, q, p, None, spec, grp)
+            acc.add(0, d * (spec.alpha * T * T))
             dd_du.mul_((m * (spec.alpha * T * scale))[:, None])  # dL/dz
             if grad_z is not None:
                 dd_du.add_(grad_z)
@@ -175,7 +178,7 @@ class _FusedKD(torch.autograd.Function):
             # Kept on ctx, not saved tensors: backward hands them over as they are, so autograd
             # can take the [V/TP, H] buffer as the weight's .grad without copying it.
             ctx.grads = [grad_h.to(hidden.dtype), grad_w.to(weight.dtype)]
-        return torch.tensor(float(sums[0]) * scale, dtype=torch.float32, device=h.device)
+        return torch.tensor(float(sums[:, 0].sum()) * scale, dtype=torch.float32, device=h.device)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -185,7 +188,22 @@ class _FusedKD(torch.autograd.Function):
         if grad_out.item() != 1.0:
             grad_h.mul_(grad_out)
             grad_w.mul_(grad_out)
-        return (grad_h, grad_w) + (None,) * 10
+        return (grad_h, grad_w) + (None,) * 12
+
+
+class _Accumulator:
+    """Adds masked per-token values [c] into the per-group sums [G, 6] (index_add over the
+    tokens' group ids: no Python loop over groups)."""
+
+    def __init__(self, sums: torch.Tensor, groups: torch.Tensor | None, m: torch.Tensor):
+        self.sums, self.groups, self.m = sums, groups, m
+
+    def add(self, column: int, values: torch.Tensor) -> None:
+        v = (self.m * values).double()
+        if self.groups is None:
+            self.sums[0, column] += v.sum()
+        else:
+            self.sums[:, column].index_add_(0, self.groups, v)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -215,7 +233,7 @@ def _one_hot(labels: torch.Tensor, start: int, width: int) -> torch.Tensor:
     return out
 
 
-def _metrics(sums, log_q, log_p, q, p, kl, m, spec: KDSpec, grp: _Group, h_q=None) -> None:
+def _metrics(acc: _Accumulator, log_q, log_p, q, p, kl, spec: KDSpec, grp: _Group, h_q=None) -> None:
     """Masked sums of per-token KL(p‖q), teacher and student entropies, teacher top-k mass
     (`kl`, `h_q`: already computed by the caller)."""
     if kl is None:
@@ -229,7 +247,7 @@ def _metrics(sums, log_q, log_p, q, p, kl, m, spec: KDSpec, grp: _Group, h_q=Non
         dist.all_gather(gathered, top.contiguous(), group=grp.group)
         top = torch.cat(gathered, -1).topk(min(spec.topk, top.shape[1] * grp.size), dim=-1).values
     for j, v in zip((1, 2, 3, 4), (kl, h_p, h_q, top.sum(-1)), strict=True):
-        sums[j] += (m * v).sum().double()
+        acc.add(j, v)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -259,17 +277,22 @@ def fused_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
                   teacher_hidden: torch.Tensor | None = None,
                   teacher_weight: torch.Tensor | None = None,
                   labels: torch.Tensor | None = None, normalizer: float | None = None,
+                  groups: torch.Tensor | None = None, n_groups: int = 1,
                   group=None, sequence_parallel: bool = False):
     """KD loss (mixed with CE when spec.alpha < 1) from hidden states and the output-layer shard.
 
     hidden   [N, H] (or [N/TP, H] with sequence_parallel) student final hidden states
     weight   [V/TP, H] this rank's rows of the student output layer
     teacher  teacher_logits [N, V/TP], or teacher_hidden [N (/TP), H_t] + teacher_weight [V/TP, H_t]
-    mask     [N] bool, labels [N] (global token ids, for CE)
+    mask     [N] bool, labels [N] (global token ids: CE is mixed in when alpha < 1 and reported
+             whenever labels are given)
     normalizer  the *global* number of valid tokens (over micro-batches and data-parallel ranks);
-                default: this call's count. Returns (loss = Σ over masked tokens / normalizer,
-                metric sums over masked tokens: kl, teacher_entropy, student_entropy,
-                teacher_topk_mass, ce, tokens).
+                default: this call's count.
+    groups   [N] int64 in [0, n_groups): metric sums are kept per group (e.g. think / no_think).
+    Returns (loss = Σ over masked tokens / normalizer, metric sums over masked tokens: kl,
+    teacher_entropy, student_entropy, teacher_topk_mass, ce (with labels), loss, tokens) — one
+    dict, or with `groups` a list of one dict per group. Gradients are computed in this call
+    only when grad mode is on and the student needs them (so evaluation under no_grad is cheap).
     """
     grp = _Group(group)
     n = hidden.shape[0] * (grp.size if sequence_parallel else 1)
@@ -297,12 +320,26 @@ def fused_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"alpha={spec.alpha} < 1 mixes in cross-entropy: labels [{n}] are needed")
     if not 0 <= spec.alpha <= 1 or spec.chunk < 1:
         raise ValueError(f"alpha must be in [0, 1] and chunk >= 1, got {spec.alpha}, {spec.chunk}")
+    if groups is not None and (groups.shape != (n,) or groups.dtype != torch.int64):
+        raise ValueError(f"groups must be an int64 tensor of shape [{n}]")
     count = int(mask.sum())
     normalizer = float(count if normalizer is None else normalizer)
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros((n_groups, 6), dtype=torch.float64)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss = _FusedKD.apply(hidden, weight, teacher_hidden, teacher_weight, teacher_logits, mask,
-                          labels, normalizer, spec, group, sequence_parallel, sums)
-    names = ("loss", "kl", "teacher_entropy", "student_entropy", "teacher_topk_mass", "ce")
-    metrics = {k: float(v) for k, v in zip(names, sums, strict=True) if k != "loss"}
-    metrics["tokens"] = float(count)
-    return loss, metrics
+                          labels, groups, normalizer, spec, group, sequence_parallel, need_grad,
+                          sums)
+    tokens = (torch.bincount(groups[mask], minlength=n_groups) if groups is not None
+              else torch.tensor([count]))
+    per_group = []
+    for g in range(n_groups):
+        d = dict(zip(METRICS, sums[g].tolist(), strict=True))
+        if labels is None:
+            del d["ce"]
+        d["tokens"] = float(tokens[g])
+        per_group.append(d)
+    return loss, (per_group if groups is not None else per_group[0])
+
+
+# The columns of the per-group sums, in order.
+METRICS = ("loss", "kl", "teacher_entropy", "student_entropy", "teacher_topk_mass", "ce")

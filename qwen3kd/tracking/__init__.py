@@ -1,4 +1,5 @@
-"""Where metrics go. `MetricsLogger` is the boundary; MLflow (a later issue) implements it too."""
+"""Where metrics go. `MetricsLogger` is the boundary: metrics.jsonl (always, rank 0) and MLflow
+(tracking/mlflow_run.py), both behind `Tee` (tracking/run.py opens them for a job)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Protocol
 class MetricsLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class JsonlMetrics:
@@ -38,7 +41,10 @@ class JsonlMetrics:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass  # artifacts are files in the run directory already
+
+    def close(self, status: str = "FINISHED") -> None:
         self._f.close()
 
 
@@ -53,7 +59,10 @@ class NullMetrics:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 

@@ -1,17 +1,15 @@
-"""The training loop: causal-LM cross-entropy on the student (distillation plugs in its loss here).
+"""The training loop: the student learns from the co-located teacher (or alone, by cross-entropy).
 
-Each phase of a step is a named method; the loop itself reads like the algorithm.
-Loss normalisation: every micro-batch returns a *sum* over its valid tokens and its token count;
-megatron's schedule adds the counts over micro-batches, `finalize_model_grads` all-reduces them over
-data-parallel ranks and divides the gradients by the total, so the gradient is that of the mean
-over all valid tokens of the global batch (DESIGN.md, "Normalisation").
+Each phase of a step is a named method; the loop itself reads like the algorithm:
+    for each step:  teacher onload → forward-backward over micro-batches (per micro-batch: teacher
+                    forward, student forward, KD loss) → optimizer step → teacher offload
+                    → metrics → evaluation → checkpoint
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,36 +18,15 @@ import torch.distributed as dist
 from qwen3kd.checkpoint import training
 from qwen3kd.checkpoint.weights import hf_files_of, load_initial_weights
 from qwen3kd.config.schema import JobConfig
-from qwen3kd.data.lm import MicroBatch, micro_batches, open_dataset
+from qwen3kd.data.batches import micro_batches
 from qwen3kd.distributed.layout import ParallelLayout
 from qwen3kd.models.qwen3 import build_model
-from qwen3kd.tracking import JsonlMetrics, MetricsLogger, NullMetrics
+from qwen3kd.trainer.data import TrainData
+from qwen3kd.trainer.evaluate import Evaluator
+from qwen3kd.trainer.objectives import KDObjective, LMObjective, device
 from qwen3kd.trainer.optim import build_optimizer, wrap_ddp
 
 log = logging.getLogger(__name__)
-
-
-def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of the per-token CE over valid tokens, and their count.  # [B, S] → scalars"""
-    mask = loss_mask.to(per_token_loss.dtype)
-    loss_sum = (per_token_loss.float() * mask).sum()
-    n = mask.sum().to(torch.int)
-    return loss_sum, n, {"lm_loss": torch.stack([loss_sum.detach(), n.float()])}
-
-
-def forward_step(data_iterator, model):
-    batch: MicroBatch = next(data_iterator)
-    dev = _device()
-    tokens, pos, labels = (t.to(dev, non_blocking=True)
-                           for t in (batch.tokens, batch.position_ids, batch.labels))
-    out = model(tokens, pos, None, labels=labels)  # [B, S] per-token CE
-    return out, partial(lm_loss, batch.loss_mask.to(dev, non_blocking=True))
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class Trainer:
@@ -60,36 +37,55 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import finalize_model_grads
 
         cfg = self.cfg
         self.layout.init(cfg.train.seed)
+        # Tokenizers, conformance and data first: a bad file fails before any model is built.
+        self.data = TrainData.open(cfg)
+        self.model = self.build_student()
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.layout)
+        self.progress, self.saved_step = training.Progress(), None
+        if self.resume_from is not None:
+            self.progress = training.load(self.resume_from, self.model, self.optimizer,
+                                          self.scheduler, cfg.model)
+            self.hf_source, self.saved_step = hf_files_of(self.resume_from), self.progress.step
+            log.info("resumed from %s at step %d", self.resume_from, self.progress.step)
+        self.teacher = None
+        if cfg.teacher is not None:
+            from qwen3kd.teacher.frozen import Teacher
+
+            self.teacher = Teacher(cfg, self.layout)
+            self.objective = KDObjective(cfg, self.teacher, self.model, with_ce=False)
+        else:
+            self.objective = LMObjective()
+        self.evaluator = Evaluator.create(cfg, self.data, self.teacher, self.model, self.layout)
+        self.dp_rank = ps.get_data_parallel_rank()
+        # The ranks whose loss values are reported: last pipeline stage, first TP rank.
+        self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        self.is_rank0 = dist.get_rank() == 0
+        from qwen3kd.tracking.run import open_tracking
+
+        self.metrics = open_tracking(cfg, self.data, self.is_rank0, self.progress.step)
+        dist.barrier()  # rank 0 opened MLflow: the others would count that wait in step 1's timings
+
+    def build_student(self) -> list[torch.nn.Module]:
+        from megatron.core.distributed import finalize_model_grads
+
+        cfg = self.cfg
         chunks = build_model(cfg, self.layout)
-        resume = self._resume_path()
+        self.resume_from = self._resume_path()
         self.hf_source = None  # the student's Hugging Face files, carried into its checkpoints
-        if resume is None and cfg.checkpoint.load:
+        if self.resume_from is None and cfg.checkpoint.load:
             load_initial_weights(chunks, Path(cfg.checkpoint.load), cfg.model)
             self.hf_source = hf_files_of(Path(cfg.checkpoint.load))
             log.info("loaded weights from %s", cfg.checkpoint.load)
-        self.model = wrap_ddp(chunks, cfg, self.layout)
+        model = wrap_ddp(chunks, cfg, self.layout)
         mcfg = chunks[0].config
         mcfg.finalize_model_grads_func = finalize_model_grads
-        mcfg.no_sync_func = [m.no_sync for m in self.model]
-        if len(self.model) == 1:
+        mcfg.no_sync_func = [m.no_sync for m in model]
+        if len(model) == 1:
             mcfg.no_sync_func = mcfg.no_sync_func[0]
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.layout)
-        self.progress, self.saved_step = training.Progress(), None
-        if resume is not None:
-            self.progress = training.load(resume, self.model, self.optimizer, self.scheduler, cfg.model)
-            self.hf_source, self.saved_step = hf_files_of(resume), self.progress.step
-            log.info("resumed from %s at step %d", resume, self.progress.step)
-        self.dataset = open_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size)
-        self.dp_rank = ps.get_data_parallel_rank()
-        # The one rank whose loss values are reported: last pipeline stage, first TP rank.
-        self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        self.is_rank0 = dist.get_rank() == 0
-        self.metrics: MetricsLogger = (JsonlMetrics(self.run_dir, resume_step=self.progress.step)
-                                       if self.is_rank0 else NullMetrics())
+        return model
 
     def _resume_path(self) -> Path | None:
         resume, root = self.cfg.resume, Path(self.cfg.checkpoint.dir)
@@ -104,38 +100,15 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------
     def forward_backward(self) -> torch.Tensor:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         t = self.cfg.train
-        batches = micro_batches(
-            self.dataset, self.progress.consumed_samples, t.global_batch_size, t.micro_batch_size,
-            self.dp_rank, self.layout.dp, t.seq_length,
-        )
+        batches = micro_batches(self.data.train, self.progress.consumed_samples,
+                                t.global_batch_size, t.micro_batch_size, self.dp_rank,
+                                self.layout.dp, t.seq_length)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        n_chunks = len(self.model)
-        # Interleaved schedules take one iterator per model chunk, each over the same batches.
-        data = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data,
-            model=self.model if n_chunks > 1 else self.model[0],
-            num_microbatches=len(batches),
-            seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
-        return self.global_loss(outputs).cpu()
-
-    def global_loss(self, outputs: list[dict]) -> torch.Tensor:
-        """[loss_sum, tokens] over the global batch, known to every rank."""
-        total = torch.zeros(2, dtype=torch.float64, device=_device())
-        if self.reports_loss:
-            for o in outputs:
-                total += o["lm_loss"].double()
-        dist.all_reduce(total)
-        return total
+        return run_schedule(self.model, self.objective, batches, t, self.reports_loss,
+                            forward_only=False)
 
     def optimizer_step(self) -> tuple[float, float]:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -147,19 +120,23 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
-        loss_sum, tokens = self.forward_backward().tolist()
+        if self.teacher is not None:
+            self.teacher.onload()
+        total = self.forward_backward()
+        timings = self.teacher.end_step() if self.teacher is not None else {}
+        opt_start = time.perf_counter()
         grad_norm, lr = self.optimizer_step()
+        if self.teacher is not None:
+            self.teacher.offload()
         self.progress.step += 1
         self.progress.consumed_samples += self.cfg.train.global_batch_size
-        elapsed = time.perf_counter() - start
-        return {
-            "train/loss": loss_sum / max(tokens, 1.0),
-            "train/grad_norm": grad_norm,
-            "train/lr": lr,
-            "train/tokens": tokens,
-            "time/step": elapsed,
-            "train/tokens_per_s": tokens / elapsed,
-        }
+        end = time.perf_counter()
+        metrics = self.objective.summarise(total, "train")
+        metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step": end - start,
+                        "time/optimizer": end - opt_start,
+                        "train/tokens_per_s": metrics["train/tokens"] / (end - start)})
+        metrics.update(max_over_ranks(timings))
+        return metrics
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -168,6 +145,8 @@ class Trainer:
         while self.progress.step < steps:
             metrics = self.train_step()
             step = self.progress.step
+            if self.evaluator.due(step):
+                metrics.update(self.evaluator.run(step, self.metrics))
             history.append(metrics)
             self.metrics.log_metrics(metrics, step)
             self.report(step, metrics, (time.perf_counter() - start) / (step - first))
@@ -178,15 +157,19 @@ class Trainer:
         return history
 
     def report(self, step: int, m: dict[str, float], per_step: float) -> None:
-        if step % self.cfg.train.log_interval and step != self.cfg.train.steps:
+        """The progress line on rank 0: step, loss, tokens/s, ETA."""
+        steps = self.cfg.train.steps
+        if step % self.cfg.train.log_interval and step != steps:
             return
-        log.info(
-            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  eta %.0fs",
-            step, self.cfg.train.steps, m["train/loss"], m["train/grad_norm"], m["train/lr"],
-            m["train/tokens_per_s"], per_step * (self.cfg.train.steps - step),
-        )
+        bar = "#" * round(20 * step / steps) + "." * (20 - round(20 * step / steps))
+        extra = "".join(f"  {k.replace('train/', '').replace('/', '_')} {m[k]:.4f}"
+                        for k in ("train/kl", "eval/kl") if k in m)
+        log.info("[%s] step %d/%d  loss %.4f%s  grad_norm %.3f  lr %.2e  %.0f tok/s  eta %.0fs",
+                 bar, step, steps, m["train/loss"], extra, m["train/grad_norm"], m["train/lr"],
+                 m["train/tokens_per_s"], per_step * (steps - step))
 
     def save(self) -> None:
+        """Student weights, optimizer, schedule, data position, RNG: never the teacher."""
         c = self.cfg.checkpoint
         path = training.save(Path(c.dir), self.progress, self.model, self.optimizer, self.scheduler,
                              self.cfg.model, c.keep_last, self.hf_source)
@@ -198,3 +181,44 @@ class Trainer:
         if self.cfg.checkpoint.save_final and self.saved_step != self.progress.step:
             self.save()
         self.metrics.close()
+
+    def fail(self) -> None:
+        """The run is ending on an exception: the tracking run says so."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close(status="FAILED")
+
+
+def run_schedule(model: list, objective, batches: list, t, reports: bool,
+                 forward_only: bool) -> torch.Tensor:
+    """Megatron's forward-backward schedule (pipelined when PP > 1) over `batches`; the report sums
+    of the objective over the global batch, known to every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n_chunks = len(model)
+    # Interleaved schedules take one iterator per model chunk, each over the same batches.
+    data = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
+    outputs = get_forward_backward_func()(
+        forward_step_func=objective.forward_step,
+        data_iterator=data,
+        model=model if n_chunks > 1 else model[0],
+        num_microbatches=len(batches),
+        seq_length=t.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=forward_only,
+    )
+    total = torch.zeros(objective.shape, dtype=torch.float64, device=device())
+    if reports:
+        for o in outputs:
+            total += o["report"].to(total.device)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
+def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The slowest rank's value of each timing (the one the step waits for)."""
+    if not values:
+        return {}
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(values, t.tolist(), strict=True))

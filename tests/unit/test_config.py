@@ -30,9 +30,20 @@ def test_configs_folder_is_not_empty():
     assert {"qwen3-0.6b.yaml", "qwen3-235b-a22b.yaml", "tiny-dense.yaml", "lm-tiny-moe.yaml"} <= names
 
 
+def _runtime_overrides(path, request) -> list[str]:
+    """Smoke configs that read built assets (runs/toy-assets) get them from the fixture, and the
+    world size they are launched with."""
+    if path.name != "offpolicy-tiny.yaml":
+        return []
+    a = request.getfixturevalue("toy_assets")
+    return [f"data.path={a / 'train.jsonl'}", f"data.eval_path={a / 'eval.jsonl'}",
+            f"data.tokenizer={a / 'tokenizer'}", f"teacher.load={a / 'teacher'}",
+            "parallel.world_size=2"]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_yaml_loads_and_validates(path):
-    cfg = load_config(path)
+def test_every_yaml_loads_and_validates(path, request):
+    cfg = load_config(path, _runtime_overrides(path, request))
     assert cfg.model.name  # every config names its model (directly or through an include)
     validate(cfg)
 
@@ -155,3 +166,18 @@ def test_model_is_required(tmp_path):
     empty.write_text("train:\n  steps: 1\n")
     with pytest.raises(ConfigError, match="required config key"):
         load_config(empty)
+
+
+def test_a_preset_included_under_a_key_becomes_the_teachers_model(tmp_path):
+    exp = tmp_path / "kd.yaml"
+    exp.write_text(f"include: [{ROOT}/configs/models/qwen3-0.6b.yaml, "
+                   f"{ROOT}/configs/models/qwen3-32b.yaml@teacher]\nteacher:\n  offload: true\n")
+    cfg = load_config(exp)
+    assert cfg.model.name == "qwen3-0.6b" and cfg.teacher.model.name == "qwen3-32b"
+    assert cfg.teacher.model.num_hidden_layers == 64 and cfg.teacher.offload
+    with pytest.raises(ConfigError, match=r"teacher \(built with the student's parallel layout.*"
+                                          r"parallel.pipeline=3 does not divide teacher.model.num_hidden_layers=64"):
+        load_config(exp, ["parallel.pipeline=3", "parallel.world_size=3",
+                          "parallel.first_stage_layers=10", "parallel.last_stage_layers=9"])
+    with pytest.raises(ConfigError, match="kd: temperature must be > 0"):
+        load_config(exp, ["kd.temperature=0"])

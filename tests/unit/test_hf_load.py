@@ -72,7 +72,8 @@ def test_training_starts_from_a_hugging_face_folder(tmp_path):
     """`checkpoint.load=<HF folder>`: the first loss is the transformers model's loss on step 1's batch."""
     from helpers import SMOKE, qwen3kd
 
-    from qwen3kd.data.lm import micro_batches, open_dataset
+    from qwen3kd.data.batches import micro_batches
+    from qwen3kd.data.lm import open_dataset
     from qwen3kd.tracking import read_metrics
 
     cfg = load_config(SMOKE / "lm-tiny-dense.yaml")

@@ -238,3 +238,28 @@ def test_fused_gradient_follows_the_upstream_gradient(megatron_world):
         (factor * loss).backward()
         grads.append((h.grad, w.grad))
     assert torch.allclose(grads[1][0], 2.5 * grads[0][0]) and torch.allclose(grads[1][1], 2.5 * grads[0][1])
+
+
+def test_fused_metrics_per_group_add_up_and_match_each_groups_own_call(megatron_world):
+    """Per-mode metrics: sums kept per token group equal a call on that group's tokens alone;
+    under no_grad nothing is differentiated and the values are the same."""
+    g = torch.Generator().manual_seed(2)
+    n, h, v = 30, 16, 64
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.5
+    teacher = torch.randn(n, v, generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+    labels = torch.randint(0, v, (n,), generator=g)
+    groups = torch.randint(0, 3, (n,), generator=g)
+    spec = KDSpec("reverse_kl", temperature=2.0, chunk=7)
+    with torch.no_grad():
+        loss, per_group = fused_kd_loss(hidden, weight, mask, spec, teacher_logits=teacher,
+                                        labels=labels, groups=groups, n_groups=3)
+    _, whole = fused_kd_loss(hidden, weight, mask, spec, teacher_logits=teacher, labels=labels)
+    for key in ("kl", "ce", "teacher_entropy", "tokens"):
+        assert sum(d[key] for d in per_group) == pytest.approx(whole[key], rel=1e-9)
+    for k in range(3):
+        _, alone = fused_kd_loss(hidden, weight, mask & (groups == k), spec, teacher_logits=teacher,
+                                 labels=labels)
+        for key in ("kl", "ce", "student_entropy", "loss", "tokens"):
+            assert per_group[k][key] == pytest.approx(alone[key], rel=1e-9), (k, key)
+    assert float(loss) == pytest.approx(sum(d["loss"] for d in per_group) / whole["tokens"], rel=1e-6)

@@ -1,0 +1,137 @@
+"""Rows and micro-batches: what the trainer feeds the models.
+
+A dataset is a sequence of *rows* addressed by a global index: row `step·G + r·G/DP + j` goes to
+data-parallel rank r (G = global batch), so a run reads the same rows whatever its data-parallel
+size, and the data position of a checkpoint is one number. A row holds up to seq_length + 1
+tokens (inputs and the last label); with packing it holds several samples, each attending only
+to itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Row:
+    ids: np.ndarray  # [n ≤ S + 1] token ids
+    mask: np.ndarray  # [n − 1] float32: 1 where the label ids[t + 1] is learned
+    segments: np.ndarray | None = None  # [n] which packed sample each token belongs to
+    modes: np.ndarray | None = None  # [n − 1] mode id of each label (chat data)
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [B, S] int64 input ids
+    labels: torch.Tensor  # [B, S] int64, tokens shifted left by one
+    loss_mask: torch.Tensor  # [B, S] float, 1 where the label is learned
+    position_ids: torch.Tensor  # [B, S], restarting at 0 with each packed sample
+    segments: torch.Tensor | None = None  # [B, S] packed-sample id per position, -1 for padding
+    modes: torch.Tensor | None = None  # [B, S] int64 mode id per label (0 where unmasked)
+    groups: torch.Tensor | None = None  # [B, S] int64 metric group per label (evaluation)
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """[B, 1, S, S] bool, True where attention is *not* allowed (megatron's convention):
+        causal and within one packed sample. None when every row is one sequence (the model's
+        own causal mask is enough). RoPE needs no position reset: attention scores depend only
+        on relative positions, which are the same inside a sample wherever it is packed."""
+        if self.segments is None:
+            return None
+        s = self.segments
+        same = s[:, :, None] == s[:, None, :]
+        causal = torch.ones(s.shape[1], s.shape[1], dtype=torch.bool).tril_()
+        return ~(same & causal)[:, None]
+
+
+def micro_batches(dataset, first_row: int, global_batch: int, micro_batch: int, dp_rank: int,
+                  dp: int, seq: int) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of the global batch starting at row `first_row`
+    (the data position: rows consumed by earlier steps)."""
+    per_rank = global_batch // dp
+    first = first_row + dp_rank * per_rank
+    return [collate([dataset.row(first + m * micro_batch + j, seq) for j in range(micro_batch)], seq)
+            for m in range(per_rank // micro_batch)]
+
+
+def collate(rows: list[Row], seq: int) -> MicroBatch:
+    b = len(rows)
+    ids = np.zeros((b, seq + 1), dtype=np.int64)
+    mask = np.zeros((b, seq), dtype=np.float32)
+    packed = any(r.segments is not None for r in rows)
+    segments = np.full((b, seq + 1), -1, dtype=np.int64)
+    modes = np.zeros((b, seq), dtype=np.int64)
+    for j, r in enumerate(rows):
+        n = len(r.ids)
+        ids[j, :n] = r.ids
+        mask[j, : n - 1] = r.mask
+        segments[j, :n] = r.segments if r.segments is not None else 0
+        if r.modes is not None:
+            modes[j, : n - 1] = r.modes
+    seg = segments[:, :-1]
+    # Position within the sample: index minus the sample's first index.
+    starts = np.maximum.accumulate(
+        np.where(np.diff(seg, axis=1, prepend=-2) != 0, np.arange(seq)[None, :], 0), axis=1)
+    t = torch.from_numpy(ids)
+    return MicroBatch(
+        tokens=t[:, :-1].contiguous(),
+        labels=t[:, 1:].contiguous(),
+        loss_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(np.arange(seq)[None, :] - starts),
+        segments=torch.from_numpy(np.ascontiguousarray(seg)) if packed else None,
+        modes=torch.from_numpy(modes) if any(r.modes is not None for r in rows) else None,
+    )
+
+
+class PackedSamples:
+    """Chat samples in rows of at most seq_length + 1 tokens.
+
+    Packing is first-fit over the rows still open (at most `window` of them, so it stays
+    linear in the data): deterministic, and close to the best fill for short samples. Without
+    packing, each sample is a row of its own (padded).
+    """
+
+    def __init__(self, samples, seq: int, pack: bool, shuffle: bool, seed: int, window: int = 256):
+        order = np.arange(len(samples))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(samples))
+        self.samples, cap = samples, seq + 1
+        self.rows: list[list[int]] = []
+        open_rows: list[tuple[int, int]] = []  # (row index, free tokens)
+        for i in order:
+            n = len(samples[i].ids)
+            k = next((k for k, (_, free) in enumerate(open_rows) if free >= n), None) if pack else None
+            if k is None:
+                self.rows.append([int(i)])
+                open_rows.append((len(self.rows) - 1, cap - n))
+                if len(open_rows) > window or not pack:
+                    open_rows.pop(0)
+            else:
+                r, free = open_rows[k]
+                self.rows[r].append(int(i))
+                open_rows[k] = (r, free - n)
+        used = sum(len(s.ids) for s in samples)
+        self.fill = used / (len(self.rows) * cap)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row_samples(self, index: int) -> list:
+        return [self.samples[i] for i in self.rows[index % len(self.rows)]]
+
+    def row(self, index: int, seq: int) -> Row:
+        parts = self.row_samples(index)
+        ids = np.concatenate([s.ids for s in parts]).astype(np.int64)
+        segments = np.concatenate([np.full(len(s.ids), k) for k, s in enumerate(parts)])
+        mask = np.zeros(len(ids), dtype=np.float32)
+        modes = np.zeros(len(ids), dtype=np.int64)
+        start = 0
+        for s in parts:
+            # Position t predicts token t + 1: the answer's first token is learned at the last
+            # prompt position; the sample's last token predicts a neighbour (not learned).
+            mask[start + s.prompt_len - 1: start + len(s.ids) - 1] = 1.0
+            modes[start: start + len(s.ids)] = s.mode
+            start += len(s.ids)
+        return Row(ids=ids, mask=mask[:-1], segments=segments, modes=modes[:-1])

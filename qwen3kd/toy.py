@@ -1,0 +1,93 @@
+"""Toy distillation assets, built locally: a Qwen3-style tokenizer, a tiny teacher (Hugging Face
+folder) and chat data in both modes. For the CPU smoke run and tests; real runs point the config
+at real Qwen3 folders and data.
+
+    python -m qwen3kd.toy OUT_DIR
+
+writes OUT_DIR/{tokenizer/, teacher/, train.jsonl, eval.jsonl}, which
+configs/smoke/offpolicy-tiny.yaml reads from runs/toy-assets/.
+
+The conversations are arithmetic questions. In think mode the answer carries its reasoning
+("3 + 4: add the ones …"); in no_think mode only the result. The teacher is random but sharp
+(large output-layer weights), so its distribution is far from a fresh student's and the KL has
+room to fall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3kd.data.toy_tokenizer import build_toy_tokenizer
+
+log = logging.getLogger(__name__)
+
+TEACHER_PRESET = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-teacher.yaml"
+
+
+def conversation(rng: np.random.Generator, mode: str) -> dict:
+    a, b = (int(x) for x in rng.integers(0, 50, size=2))
+    question = f"What is {a} + {b}?"
+    answer = f"{a} + {b} = {a + b}."
+    msg = {"role": "assistant", "content": answer}
+    if mode == "think":
+        msg["reasoning_content"] = (f"Add the ones: {a % 10} + {b % 10} = {a % 10 + b % 10}. "
+                                    f"Add the tens: {a // 10 * 10} + {b // 10 * 10}. So {a + b}.")
+    return {"messages": [{"role": "user", "content": question}, msg], "mode": mode}
+
+
+def write_chat(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = [json.dumps(conversation(rng, "think" if i % 2 == 0 else "no_think")) for i in range(n)]
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float = 0.3) -> Path:
+    """A random Qwen3 with the tiny-teacher architecture, saved as a Hugging Face folder with the
+    toy tokenizer's files (so the teacher's tokenizer is found next to its weights)."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from qwen3kd.config.loader import load_config
+
+    m = load_config(TEACHER_PRESET).model
+    torch.manual_seed(seed)
+    hf = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings))
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, sharpness)
+    hf.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_toy_assets(out: Path, seed: int = 0, train_lines: int = 256, eval_lines: int = 32) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_toy_tokenizer(out / "tokenizer")
+    save_teacher(out / "teacher", tok, seed)
+    write_chat(out / "train.jsonl", train_lines, seed)
+    write_chat(out / "eval.jsonl", eval_lines, seed + 1)
+    log.info("toy assets in %s", out)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    make_toy_assets(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/toy-assets"))

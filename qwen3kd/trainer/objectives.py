@@ -1,0 +1,121 @@
+"""What a micro-batch's forward computes and how its loss is reported: plain cross-entropy for the
+student alone, or distillation from the co-located teacher.
+
+Loss normalisation (DESIGN.md): every micro-batch returns a *sum* over its learned tokens and their
+count; megatron's schedule adds the counts over micro-batches, `finalize_model_grads` all-reduces
+them over data-parallel ranks and divides the gradients by the total, so the gradient is that of
+the mean over all learned tokens of the global batch. Each objective also returns report sums,
+which `Trainer.global_sums` adds over micro-batches and ranks and `summarise` turns into metrics.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from qwen3kd.config.schema import JobConfig
+from qwen3kd.data.batches import MicroBatch
+from qwen3kd.data.chat import MODES
+from qwen3kd.losses.fused import METRICS, KDSpec, fused_kd_loss
+from qwen3kd.teacher.frozen import Teacher, final_hidden, output_weight
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_device(batch: MicroBatch):
+    dev = device()
+    tokens, pos, labels, mask = (t.to(dev, non_blocking=True) for t in
+                                 (batch.tokens, batch.position_ids, batch.labels, batch.loss_mask))
+    attn = batch.attention_mask()
+    return tokens, pos, labels, mask, attn.to(dev) if attn is not None else None
+
+
+class LMObjective:
+    """Causal-LM cross-entropy (megatron's own loss, from the logits)."""
+
+    shape = (2,)  # loss sum, tokens
+
+    def forward_step(self, data_iterator, model):
+        tokens, pos, labels, mask, attn = _to_device(next(data_iterator))
+        out = model(tokens, pos, attn, labels=labels)  # [B, S] per-token CE
+        return out, partial(self.loss, mask)
+
+    @staticmethod
+    def loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        mask = loss_mask.to(per_token_loss.dtype)
+        loss_sum = (per_token_loss.float() * mask).sum()
+        n = mask.sum().to(torch.int)
+        return loss_sum, n, {"report": torch.stack([loss_sum.detach(), n.float()]).double()}
+
+    @staticmethod
+    def summarise(total: torch.Tensor, prefix: str) -> dict[str, float]:
+        loss_sum, tokens = total.tolist()
+        return {f"{prefix}/loss": loss_sum / max(tokens, 1.0), f"{prefix}/tokens": tokens}
+
+
+class KDObjective:
+    """Distillation: for each micro-batch the teacher runs first (no grad, this rank's stage),
+    then the student; the KD loss (mixed with CE when kd.alpha < 1) comes from both models' final
+    hidden states and output-layer shards, vocabulary-parallel and chunked."""
+
+    def __init__(self, cfg: JobConfig, teacher: Teacher, model_chunks: list, with_ce: bool,
+                 n_groups: int = len(MODES)):
+        from megatron.core import parallel_state as ps
+
+        k = cfg.kd
+        self.spec = KDSpec(kind=k.kind.value, temperature=k.temperature, beta=k.beta, skew=k.skew,
+                           alpha=k.alpha, chunk=k.chunk, topk=k.topk)
+        self.teacher, self.with_ce, self.n_groups = teacher, with_ce or k.alpha < 1, n_groups
+        self.chunk_of = {id(m): i for i, m in enumerate(model_chunks)}
+        self.tp_group = ps.get_tensor_model_parallel_group() if cfg.parallel.tensor > 1 else None
+        self.sp = cfg.parallel.sequence_parallel
+        self.shape = (n_groups, len(METRICS) + 1)  # per group: METRICS sums, tokens
+
+    def forward_step(self, data_iterator, model):
+        batch: MicroBatch = next(data_iterator)
+        tokens, pos, labels, mask, attn = _to_device(batch)
+        chunk = self.chunk_of[id(model)]
+        t_hidden = self.teacher.forward(chunk, tokens, pos, attn)  # just in time, this micro-batch
+        with final_hidden(model):
+            hidden = model(tokens, pos, attn)  # [S(/TP), B, H] on the last stage
+        groups = batch.groups if batch.groups is not None else batch.modes
+        return hidden, partial(self.loss, model, t_hidden, labels, mask, groups)
+
+    def loss(self, model, t_hidden, labels, mask, groups, hidden):
+        # Tokens in [S, B] order, as the hidden states are laid out.
+        flat = lambda t: t.t().reshape(-1)  # noqa: E731
+        g = flat(groups.to(labels.device)) if groups is not None else torch.zeros_like(flat(labels))
+        loss, per_group = fused_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]), output_weight(model), flat(mask).bool(), self.spec,
+            teacher_hidden=t_hidden.reshape(-1, t_hidden.shape[-1]),
+            teacher_weight=self.teacher.output_weight(),
+            labels=flat(labels) if self.with_ce else None, normalizer=1.0, groups=g,
+            n_groups=self.n_groups, group=self.tp_group, sequence_parallel=self.sp,
+        )
+        report = torch.tensor([[d.get(k, 0.0) for k in (*METRICS, "tokens")] for d in per_group],
+                              dtype=torch.float64)
+        n = mask.sum().to(torch.int)
+        return loss, n, {"report": report}
+
+    def summarise(self, total: torch.Tensor, prefix: str) -> dict[str, float]:
+        """Per-token means, overall and per mode (train/kl/think, …)."""
+        tok = total[:, -1]
+        out = {f"{prefix}/loss": float(total[:, 0].sum() / tok.sum().clamp(min=1)),
+               f"{prefix}/tokens": float(tok.sum())}
+        names = [m for m in METRICS[1:] if m != "ce" or self.with_ce]
+        for name in names:
+            col = METRICS.index(name)
+            out[f"{prefix}/{name}"] = float(total[:, col].sum() / tok.sum().clamp(min=1))
+        by_mode = total.reshape(-1, len(MODES), total.shape[1]).sum(0)  # groups = mode + 2·slot
+        for i, mode in enumerate(MODES):
+            if by_mode[i, -1] > 0:
+                out[f"{prefix}/tokens/{mode.value}"] = float(by_mode[i, -1])
+                for name in ("loss", *names):
+                    col = METRICS.index(name)
+                    out[f"{prefix}/{name}/{mode.value}"] = float(by_mode[i, col] / by_mode[i, -1])
+        return out

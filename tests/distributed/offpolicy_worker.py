@@ -1,0 +1,48 @@
+"""Under torchrun: train a few distillation steps in-process and check the teacher's isolation —
+no gradient, not in the optimizer, unchanged weights, one micro-batch's output alive at a time."""
+
+import json
+import os
+import sys
+
+import torch
+
+import megatron_patches
+from qwen3kd.config.loader import load_config
+from qwen3kd.log import setup_logging
+from qwen3kd.trainer.loop import Trainer
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    setup_logging()
+    megatron_patches.apply_all()
+    cfg = load_config(config, list(overrides))
+    from qwen3kd.config.validate import validate
+
+    trainer = Trainer(cfg, validate(cfg))
+    trainer.setup()
+    teacher = list(trainer.teacher.parameters())
+    before = [p.detach().clone() for p in teacher]
+    history = trainer.train()
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    student = [p for m in trainer.model for p in m.parameters()]
+    result = {
+        "teacher_params": len(teacher),
+        "teacher_requires_grad": sum(p.requires_grad for p in teacher),
+        "teacher_grads": sum(p.grad is not None or getattr(p, "main_grad", None) is not None
+                             for p in teacher),
+        "teacher_in_optimizer": sum(id(p) in in_optimizer for p in teacher),
+        "teacher_changed": sum(not torch.equal(a, b) for a, b in zip(before, teacher, strict=True)),
+        "student_grads": sum(getattr(p, "main_grad", None) is not None for p in student),
+        "student_params": len(student),
+        "max_live": [h["teacher/max_live_outputs"] for h in history],
+        "live_after": trainer.teacher.live,
+        "losses": [h["train/loss"] for h in history],
+    }
+    trainer.layout.destroy()
+    with open(f"{out}.{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,162 @@
+"""Off-policy distillation end to end under torchrun (gloo): layouts agree, the teacher stays
+isolated, the smoke run learns and is tracked, and bad input stops the run before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from helpers import ROOT, SMOKE, _env, _port, global_weights, last_checkpoint, qwen3kd
+from hf_models import save_tiny_hf
+
+from qwen3kd.config.loader import load_config
+from qwen3kd.data.chat import load_tokenizer
+from qwen3kd.models.params import count_params
+from qwen3kd.tracking import read_metrics
+from qwen3kd.tracking.lineage import checkpoint_fingerprint, text_hash, vocab_hash
+
+pytestmark = pytest.mark.distributed
+CONFIG = str(SMOKE / "offpolicy-tiny.yaml")
+STUDENT = ROOT / "configs" / "models" / "tiny-student.yaml"
+
+
+@pytest.fixture(scope="module")
+def student_hf(toy_assets, tmp_path_factory):
+    """The student's initial weights: a random tiny-student HF folder with the toy tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = save_tiny_hf(load_config(STUDENT).model, tmp_path_factory.mktemp("student") / "hf", seed=1)
+    AutoTokenizer.from_pretrained(toy_assets / "tokenizer").save_pretrained(out)
+    return out
+
+
+def assets(toy_assets, student_hf=None) -> list[str]:
+    a = toy_assets
+    out = [f"data.path={a / 'train.jsonl'}", f"data.eval_path={a / 'eval.jsonl'}",
+           f"data.tokenizer={a / 'tokenizer'}", f"teacher.load={a / 'teacher'}"]
+    return out + ([f"checkpoint.load={student_hf}"] if student_hf else [])
+
+
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tensor=2"]),
+           "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+           "pp2": (2, ["parallel.pipeline=2"])}
+
+
+def test_kd_loss_is_the_same_at_tp1_tp2_sp_and_pp2(toy_assets, student_hf, tmp_path):
+    """Same data and weights: per-step losses and KL agree within 1e-5 across layouts. The TP=1
+    run also points at a tracking server nobody listens on: it warns and trains on."""
+    runs = {}
+    for name, (nproc, layout) in LAYOUTS.items():
+        extra = ["tracking.enabled=false"]
+        if name == "tp1":
+            extra = [f"tracking.uri=http://127.0.0.1:{_port()}", "tracking.timeout_s=2"]
+        p = qwen3kd("train", CONFIG, *assets(toy_assets, student_hf), "parallel.tensor=1", *layout,
+                    "train.steps=3", "optim.warmup_steps=1", "eval.interval=0", "checkpoint.save_final=false",
+                    f"run.dir={tmp_path / name}", *extra, nproc=nproc)
+        runs[name] = read_metrics(tmp_path / name)
+        if name == "tp1":
+            assert "continuing without MLflow, metrics are kept locally" in p.stderr
+    ref = runs["tp1"]
+    assert [m["step"] for m in ref] == [1, 2, 3]
+    for name, metrics in runs.items():
+        for a, b in zip(ref, metrics, strict=True):
+            for key in ("train/loss", "train/kl", "train/kl/think", "train/kl/no_think", "train/ce"):
+                assert abs(a[key] - b[key]) <= 1e-5, (name, a["step"], key, a[key], b[key])
+            assert a["train/tokens"] == b["train/tokens"]
+
+
+def test_the_teacher_gets_no_gradient_no_optimizer_state_and_one_live_output(toy_assets, tmp_path):
+    """PP=2: the teacher's activations cross stages on their own process group."""
+    out = tmp_path / "result"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_port()}", str(ROOT / "tests" / "distributed" / "offpolicy_worker.py"),
+           CONFIG, str(out), *assets(toy_assets), "parallel.tensor=1", "parallel.pipeline=2",
+           "train.steps=2", "optim.warmup_steps=1", "eval.interval=0", "checkpoint.save_final=false",
+           "tracking.enabled=false", f"run.dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-5000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert r["teacher_params"] > 0 and r["student_grads"] == r["student_params"]
+        assert r["teacher_requires_grad"] == r["teacher_grads"] == r["teacher_in_optimizer"] == 0
+        assert r["teacher_changed"] == 0
+        assert r["live_after"] == 0
+        # Over the ranks, at most one micro-batch's teacher output was alive at any time (the
+        # last stage makes them; 4 micro-batches a step): each is freed before the next is made.
+        assert r["max_live"] == [1, 1]
+
+
+def test_smoke_run_learns_and_its_mlflow_run_holds_metrics_tags_and_artifacts(toy_assets, tmp_path):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "smoke"
+    qwen3kd("train", CONFIG, *assets(toy_assets), f"run.dir={run_dir}", nproc=2, timeout=240)
+    m = read_metrics(run_dir)
+    kl = [x["train/kl"] for x in m]
+    assert len(m) == 30 and sum(kl[-5:]) / 5 < 0.5 * sum(kl[:5]) / 5, kl
+    evals = [x["eval/kl"] for x in m if "eval/kl" in x]
+    assert len(evals) == 3 and evals[-1] < 0.6 * evals[0], evals
+    assert all(x["teacher/max_live_outputs"] == 1 for x in m)
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED"
+    for key in ("train/kl/think", "train/kl/no_think", "train/ce/think", "eval/kl/think",
+                "eval/ce/no_think", "time/teacher_forward", "train/tokens_per_s"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "train/kl/think")) == 30
+    tags = run.data.tags
+    tok = load_tokenizer(toy_assets / "tokenizer")
+    assert tags["lineage.teacher_checkpoint"] == checkpoint_fingerprint(toy_assets / "teacher")
+    assert tags["lineage.student_checkpoint"] == "random-init"  # no checkpoint.load
+    assert tags["lineage.tokenizer"] == vocab_hash(tok.get_vocab())
+    assert tags["lineage.chat_template"] == text_hash(tok.chat_template)
+    assert tags["kd.kind"] == "forward_kl" and tags["kd.temperature"] == "1.0"
+    assert run.data.params["kd.alpha"] == "0.9" and run.data.params["parallel.tensor"] == "2"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in arts and "eval" in arts
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert "eval/samples_step_0000030.jsonl" in samples
+
+    # The checkpoint holds the student's weights and nothing of the teacher's.
+    weights = global_weights(last_checkpoint(run_dir))
+    student = count_params(load_config(STUDENT).model)
+    assert sum(w.numel() for w in weights.values()) == student.total
+
+
+def test_conformance_failures_and_bad_data_stop_before_training(toy_assets, tmp_path):
+    from qwen3kd.data.toy_tokenizer import build_toy_tokenizer
+
+    other_vocab = build_toy_tokenizer(tmp_path / "other", corpus=["completely different text"] * 9)
+    other_template = tmp_path / "template"
+    shutil.copytree(toy_assets / "tokenizer", other_template)
+    jinja = other_template / "chat_template.jinja"
+    jinja.write_text(jinja.read_text().replace("<|im_start|>assistant", "<|im_start|>model"))
+    bad = tmp_path / "bad.jsonl"
+    lines = (toy_assets / "train.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(lines[:2] + ['{"messages": "oops"}'] + lines[2:]) + "\n")
+    run = [CONFIG, *assets(toy_assets), "parallel.tensor=1", "tracking.enabled=false",
+           "eval.interval=0", "train.steps=1", "optim.warmup_steps=0"]
+    cases = {
+        f"teacher.tokenizer={other_vocab}": "token → id maps differ",
+        f"teacher.tokenizer={other_template}": "chat templates differ",
+        "teacher.model.vocab_size=512": "vocabulary width: model.vocab_size=384, teacher.model.vocab_size=512",
+        f"data.path={bad}": f"{bad}:3: bad sample: 'messages' must be a non-empty list",
+    }
+    # Each fails in set-up, before a model is built; run side by side to save wall time.
+    with ThreadPoolExecutor(len(cases) + 1) as pool:
+        failed = {o: pool.submit(qwen3kd, "train", *run, o, f"run.dir={tmp_path / o[:12]}",
+                                 check=False) for o in cases}
+        # The expert override trains anyway, and says what it overrides.
+        forced = pool.submit(qwen3kd, "train", *run, f"teacher.tokenizer={other_template}",
+                             "teacher.skip_conformance=true", f"run.dir={tmp_path / 'forced'}")
+    for override, message in cases.items():
+        p = failed[override].result()
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert not (tmp_path / override[:12] / "checkpoints").exists()
+    assert "training despite: chat templates differ" in forced.result().stderr
