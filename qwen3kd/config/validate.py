@@ -92,6 +92,12 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
         raise ConfigError(
             "train.precision=fp8 needs Transformer Engine (pip install 'qwen3kd[gpu]') and a CUDA GPU"
         )
+    te = t.layer_impl.value == "te" or (t.layer_impl.value == "auto" and te_available())
+    if te and cfg.data.kind.value == "chat" and cfg.data.pack:
+        # TE attention takes packed samples as THD (cu_seqlens), not as a dense mask; until that
+        # path exists, packing would let samples attend to each other there.
+        raise ConfigError("data.pack=true with Transformer Engine layers is not supported yet: "
+                          "set data.pack=false (or train.layer_impl=local)")
     if t.steps > 0 and cfg.optim.warmup_steps >= t.steps:  # megatron needs warmup < decay steps
         raise ConfigError(
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be < train.steps={t.steps}"

@@ -35,11 +35,11 @@ class MicroBatch:
 
     def attention_mask(self) -> torch.Tensor | None:
         """[B, 1, S, S] bool, True where attention is *not* allowed (megatron's convention):
-        causal and within one packed sample. None when every row is one sequence (the model's
+        causal and within one packed sample. None when no row holds two samples (the model's
         own causal mask is enough). RoPE needs no position reset: attention scores depend only
         on relative positions, which are the same inside a sample wherever it is packed."""
-        if self.segments is None:
-            return None
+        if self.segments is None or int(self.segments.max()) < 1:
+            return None  # at most one sample per row: causal attention keeps padding out of it
         s = self.segments
         same = s[:, :, None] == s[:, None, :]
         causal = torch.ones(s.shape[1], s.shape[1], dtype=torch.bool).tril_()
