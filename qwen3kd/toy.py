@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from qwen3kd.data.toy_tokenizer import build_toy_tokenizer
+from qwen3kd.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def conversation(rng: np.random.Generator, mode: str) -> dict:
 def write_chat(path: Path, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     lines = [json.dumps(conversation(rng, "think" if i % 2 == 0 else "no_think")) for i in range(n)]
-    _atomic_write(path, "\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float = 0.3) -> Path:
@@ -80,12 +79,6 @@ def make_toy_assets(out: Path, seed: int = 0, train_lines: int = 256, eval_lines
     write_chat(out / "eval.jsonl", eval_lines, seed + 1)
     log.info("toy assets in %s", out)
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ shape mismatch deep inside megatron.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from qwen3kd.config.schema import ModelConfig
 from qwen3kd.errors import DataError
+from qwen3kd.files import write_text_atomic
 
 MANIFEST = "qwen3kd.json"
 FORMAT = 1
@@ -49,9 +49,7 @@ def write_manifest(path: Path, kind: str, model: ModelConfig, **extra) -> None:
     """Written last into a checkpoint directory, atomically."""
     body = {"format": FORMAT, "kind": kind, "model_name": model.name,
             "architecture": architecture(model), **extra}
-    tmp = Path(path) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, Path(path) / MANIFEST)
+    write_text_atomic(Path(path) / MANIFEST, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: Path) -> dict | None:

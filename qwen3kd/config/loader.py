@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from qwen3kd.config.schema import JobConfig
 from qwen3kd.errors import ConfigError
+from qwen3kd.files import write_text_atomic
 
 INCLUDE_KEY = "include"
 
@@ -121,8 +122,4 @@ def to_yaml(cfg: JobConfig) -> str:
 def save_resolved(cfg: JobConfig, run_dir: Path) -> Path:
     """Write the resolved config into the run directory, atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
-    return out
+    return write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))

@@ -68,8 +68,13 @@ def _check_distillation(cfg: JobConfig, layout) -> None:
                           f"evenly): {str(e).replace('model.', 'teacher.model.')}") from None
     if t.load and not Path(t.load).is_dir():
         raise ConfigError(f"teacher.load: directory not found: {t.load}")
-    if cfg.eval.interval and not cfg.data.eval_path:
-        raise ConfigError("eval.interval > 0 needs data.eval_path (held-out conversations)")
+    e, per = cfg.eval, cfg.train.micro_batch_size * layout.dp
+    if e.interval and (not cfg.data.eval_path or cfg.data.kind.value != "chat"):
+        raise ConfigError("eval.interval > 0 needs data.kind=chat and data.eval_path "
+                          "(held-out conversations)")
+    if e.interval and (e.samples % per or e.samples < per):
+        raise ConfigError(f"eval.samples={e.samples} must be a multiple of train.micro_batch_size"
+                          f" × data-parallel size = {per}")
 
 
 def _check_train(cfg: JobConfig, dp: int) -> None:

@@ -205,5 +205,4 @@ def open_chat(path: str | Path, tokenizer, cfg: DataConfig, seq: int, vocab_size
     data = PackedSamples(samples, seq, cfg.pack, cfg.shuffle, seed)
     log.info("%s: %s; %d rows of %d tokens (%.0f%% filled)", path, stats.describe(), len(data),
              seq + 1, 100 * data.fill)
-    data.stats = stats
     return data

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Protocol
+
+from qwen3kd.files import write_text_atomic
 
 
 class MetricsLogger(Protocol):
@@ -30,9 +31,7 @@ class JsonlMetrics:
         if resume_step and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
             self._f = self.path.open("a")
         else:
             self._f = self.path.open("w")

@@ -25,6 +25,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
+from qwen3kd.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -206,9 +208,7 @@ def _open_run(client, exp_id: str, id_file: Path, run_name: str) -> tuple[str, d
         log.info("MLflow: continuing run %s", run.info.run_id)
         return run.info.run_id, dict(run.data.params)
     run = client.create_run(exp_id, run_name=run_name)
-    tmp = id_file.with_name(id_file.name + ".tmp")
-    tmp.write_text(run.info.run_id + "\n")
-    os.replace(tmp, id_file)  # atomic: a job killed here leaves the old id or the new one
+    write_text_atomic(id_file, run.info.run_id + "\n")  # a job killed here leaves the old id or the new
     return run.info.run_id, {}
 
 

@@ -18,8 +18,8 @@ def tokenizer_path(explicit: str | None, load: str | None, key: str, load_key: s
         return Path(explicit)
     found = hf_files_of(Path(load)) if load else None
     if found is None:
-        raise ConfigError(f"{key} is not set and {load_key}={load} has no tokenizer files next to "
-                          "it: set {key} to a tokenizer folder".replace("{key}", key))
+        raise ConfigError(f"{key} is not set and {load_key}={load} has no tokenizer files next "
+                          f"to it: set {key} to a tokenizer folder")
     return found
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from qwen3kd.config.schema import JobConfig
 from qwen3kd.data.batches import collate
 from qwen3kd.data.chat import MODES
-from qwen3kd.errors import ConfigError
+from qwen3kd.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +26,8 @@ log = logging.getLogger(__name__)
 class Evaluator:
     @classmethod
     def create(cls, cfg: JobConfig, data, teacher, model, layout):
-        e = cfg.eval
-        if not e.interval:
-            return _Never()
-        if data.eval is None or teacher is None:
-            raise ConfigError("eval.interval > 0 needs a teacher and data.eval_path (chat data)")
-        per = cfg.train.micro_batch_size * layout.dp
-        if e.samples % per or e.samples < per:
-            raise ConfigError(f"eval.samples={e.samples} must be a multiple of train.micro_batch_size"
-                              f" × data-parallel size = {per}")
-        return cls(cfg, data, teacher, model, layout)
+        # validate.py checked the eval keys against the teacher, the data and the layout.
+        return cls(cfg, data, teacher, model, layout) if cfg.eval.interval else _Never()
 
     def __init__(self, cfg: JobConfig, data, teacher, model, layout):
         from megatron.core import parallel_state as ps
@@ -49,9 +39,9 @@ class Evaluator:
         self.objective = KDObjective(cfg, teacher, model, with_ce=True,
                                      n_groups=len(MODES) * (self.k + 1))
         self.rows = min(cfg.eval.samples, len(data.eval))
-        self.dp_rank, self.dp = ps.get_data_parallel_rank(), layout.dp
         self.reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.logged = self._logged_samples()
+        self.batches = self._batches(ps.get_data_parallel_rank(), layout.dp)  # the same each time
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval.interval == 0 or step == self.cfg.train.steps
@@ -65,21 +55,21 @@ class Evaluator:
                     slots[(r, s)] = len(slots)
         return slots
 
-    def _batches(self):
+    def _batches(self, dp_rank: int, dp: int):
         t = self.cfg.train
-        per_rank = self.rows // self.dp
-        first = self.dp_rank * per_rank
+        per_rank = self.rows // dp
+        first = dp_rank * per_rank
         out = []
         for m in range(per_rank // t.micro_batch_size):
             idx = [first + m * t.micro_batch_size + j for j in range(t.micro_batch_size)]
             mb = collate([self.data.eval.row(i, t.seq_length) for i in idx], t.seq_length)
-            slot = np.full(mb.modes.shape, self.k, dtype=np.int64)
-            seg = mb.segments.numpy() if mb.segments is not None else np.zeros(slot.shape, np.int64)
+            seg = mb.segments if mb.segments is not None else torch.zeros_like(mb.modes)
+            slot = torch.full_like(mb.modes, self.k)
             for j, r in enumerate(idx):
-                for (row, s), k in self.logged.items():
-                    if row == r:
-                        slot[j][seg[j] == s] = k
-            mb.groups = mb.modes + len(MODES) * torch.from_numpy(slot)
+                for s in range(len(self.data.eval.row_samples(r))):
+                    if (r, s) in self.logged:
+                        slot[j][seg[j] == s] = self.logged[(r, s)]
+            mb.groups = mb.modes + len(MODES) * slot
             out.append(mb)
         return out
 
@@ -87,7 +77,7 @@ class Evaluator:
     def run(self, step: int, metrics_logger) -> dict[str, float]:
         from qwen3kd.trainer.loop import run_schedule
 
-        total = run_schedule(self.model, self.objective, self._batches(), self.cfg.train,
+        total = run_schedule(self.model, self.objective, self.batches, self.cfg.train,
                              self.reports, forward_only=True)
         self.objective.teacher.end_step()
         out = self.objective.summarise(total, "eval")
@@ -114,10 +104,7 @@ class Evaluator:
             })
         out = Path(self.cfg.run.dir) / "eval" / f"samples_step_{step:07d}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, out)
-        return out
+        return write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class _Never:

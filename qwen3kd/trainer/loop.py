@@ -21,6 +21,7 @@ from qwen3kd.config.schema import JobConfig
 from qwen3kd.data.batches import micro_batches
 from qwen3kd.distributed.layout import ParallelLayout
 from qwen3kd.models.qwen3 import build_model
+from qwen3kd.tracking.run import open_tracking
 from qwen3kd.trainer.data import TrainData
 from qwen3kd.trainer.evaluate import Evaluator
 from qwen3kd.trainer.objectives import KDObjective, LMObjective, device
@@ -63,8 +64,6 @@ class Trainer:
         # The ranks whose loss values are reported: last pipeline stage, first TP rank.
         self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.is_rank0 = dist.get_rank() == 0
-        from qwen3kd.tracking.run import open_tracking
-
         self.metrics = open_tracking(cfg, self.data, self.is_rank0, self.progress.step)
         dist.barrier()  # rank 0 opened MLflow: the others would count that wait in step 1's timings
 
