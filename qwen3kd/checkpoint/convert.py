@@ -285,7 +285,7 @@ def megatron_to_hf(src: Path, dst: Path, preset: ModelConfig | None = None,
                     writer.add(n, t.to(out_dtype))
             units.release()
         writer.finish()
-        _write_config(tmp, hf_files, model_cfg, out_dtype)
+        write_hf_config(tmp, hf_files, model_cfg, out_dtype)
     log.info("wrote %s (Hugging Face %s, %s)", dst, _architecture_name(model_cfg), out_dtype)
 
 
@@ -348,7 +348,9 @@ class _SafetensorsWriter:
             (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_config(out: Path, hf_files: Path | None, model: ModelConfig, dtype: torch.dtype) -> None:
+def write_hf_config(out: Path, hf_files: Path | None, model: ModelConfig, dtype: torch.dtype) -> None:
+    """config.json (and the tokenizer files) of a Hugging Face folder for `model`: carried over
+    from `hf_files` when known, else written from the model config."""
     if hf_files is not None:
         copy_hf_files(hf_files, out)
         config = json.loads((out / "config.json").read_text())

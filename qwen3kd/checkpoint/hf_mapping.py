@@ -120,6 +120,20 @@ def shard(kind: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor
     raise ValueError(f"unknown shard kind {kind!r}")
 
 
+def unshard(kind: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The global tensor from all tensor-parallel ranks' slices (in rank order); inverse of `shard`."""
+    if len(parts) == 1 or kind == "replicated":
+        return parts[0]
+    if kind == "column":
+        return torch.cat(parts, dim=0)
+    if kind == "row":
+        return torch.cat(parts, dim=1)
+    if kind == "swiglu":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise ValueError(f"unknown shard kind {kind!r}")
+
+
 def find_rule(table: tuple[Rule, ...], name: str) -> tuple[Rule, int | None, int | None]:
     """The rule for megatron parameter `name` (with *global* layer / expert indices)."""
     for rule in table:

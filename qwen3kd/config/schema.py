@@ -75,6 +75,19 @@ class KDKind(str, Enum):
     skew_reverse_kl = "skew_reverse_kl"
 
 
+class Phase(str, Enum):
+    """A distillation phase (DESIGN.md); a run lists its phases in order in `phases`."""
+
+    offpolicy = "offpolicy"  # learn from the teacher's answers (data.path), train.steps steps
+    onpolicy = "onpolicy"  # learn on the student's own answers scored by the teacher, onpolicy.steps
+
+
+class RolloutDtype(str, Enum):
+    auto = "auto"  # bf16 on a GPU, fp32 on a CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class TeacherPrecision(str, Enum):
     auto = "auto"  # bf16 on a GPU, fp32 on a CPU
     bf16 = "bf16"
@@ -142,7 +155,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 100  # of the off-policy phase (or of a run without a teacher)
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 1
     seq_length: int = 128
@@ -228,6 +241,61 @@ class TrackingConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """The rollout engine (vLLM, in the trainer's processes' reach: one engine per data-parallel
+    replica, started by its first rank, on the same devices) and how it samples."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    max_new_tokens: int = 64  # per answer, thinking included
+    seed: int = 0  # each prompt's sampling seed is derived from it, the step and the prompt
+    # Thinking budget (tokens of a think-mode answer's thinking). When reached, the thinking is cut,
+    # `stop_thinking_text` is inserted (it closes the think block) and the answer is generated.
+    # None: no budget. The inserted tokens are context, not samples: they carry no loss.
+    thinking_budget: int | None = None
+    stop_thinking_text: str = (
+        "\n\nConsidering the limited time by the user, I have to give the solution based on the "
+        "thinking directly now.\n</think>\n\n"
+    )
+    dtype: RolloutDtype = RolloutDtype.auto
+    tensor_parallel: int = 1  # the engine's own TP (its ranks are devices of this replica)
+    gpu_memory_utilization: float = 0.4  # GPU: the engine's share while awake (the trainer's is the rest)
+    kv_cache_gb: float = 1.0  # CPU: KV-cache size
+    max_num_seqs: int = 256
+    # Weight sync: push the student's weights into the engine every `sync_interval` optimizer steps.
+    sync_interval: int = 1
+    sync_bucket_mb: int = 512  # weights travel in messages of at most this size
+    # Staleness probe after each sync: the engine's and the trainer's log-probs of the same tokens.
+    probe_prompts: int = 2  # the first prompts of the prompt file, rendered in think mode
+    probe_tolerance: float | None = None  # max |Δ log-prob|; None: 1e-3 (fp32 engine), 5e-2 (bf16)
+
+
+@dataclass
+class OnPolicyConfig:
+    """The on-policy phase: the student answers prompts, the teacher scores those exact tokens."""
+
+    steps: int = 0
+    prompts: str | None = None  # JSONL: {"messages": […]} or {"prompt": …, "system": …}, "mode" optional
+    think_ratio: float = 0.5  # share of prompts answered in think mode (a line's "mode" wins)
+    # Reverse KL (student ‖ teacher) over the full vocabulary: mode-seeking, on the student's own
+    # samples (Qwen3 report, after Agarwal et al. 2024, GKD). The teacher scores at T = 1 (its
+    # plain distribution), whatever the rollout temperature: that only sets how the student explores.
+    kd_kind: KDKind = KDKind.reverse_kl
+
+
+@dataclass
+class GenerateConfig:
+    """`qwen3kd generate`: the teacher answers prompts; the result is off-policy training data."""
+
+    prompts: str | None = None  # JSONL, as onpolicy.prompts
+    output: str = "${run.dir}/generated.jsonl"
+    think_ratio: float = 0.5  # share of prompts answered in think mode (a line's "mode" wins)
+    both_modes: bool = False  # answer every prompt in both modes (think_ratio is then unused)
+    shard_size: int = 64  # prompts per shard: the unit of resumption, each written atomically
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str = "runs/${run.name}"
@@ -247,6 +315,11 @@ class JobConfig:
     teacher: TeacherConfig | None = None
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Distillation phases, in order; each hands its weights (and a checkpoint) to the next.
+    phases: list[Phase] = field(default_factory=lambda: [Phase.offpolicy])
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # never: start from checkpoint.load (or random init); auto: continue from the newest complete
     # checkpoint under checkpoint.dir if there is one; or the path of one step checkpoint.

@@ -111,7 +111,10 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
 
 def _check_paths(cfg: JobConfig) -> None:
     d = cfg.data
-    if d.kind.value in ("tokens", "chat"):
+    from qwen3kd.config.schema import Phase
+
+    # An on-policy-only run reads no training data: the student answers prompts.
+    if d.kind.value in ("tokens", "chat") and (Phase.offpolicy in cfg.phases or cfg.teacher is None):
         if not d.path:
             raise ConfigError(f"data.kind={d.kind.value} needs data.path")
         if not Path(d.path).is_file():
@@ -134,6 +137,60 @@ def _check_paths(cfg: JobConfig) -> None:
         raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
 
 
+# Head sizes vLLM's CPU attention supports (vllm/v1/attention/backends/cpu_attn.py, 0.32).
+CPU_ENGINE_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_rollout(cfg: JobConfig, head_dim: int) -> None:
+    """Sampling and engine settings (on-policy training and `qwen3kd generate`); `head_dim` is
+    that of the model the engine runs."""
+    import torch
+
+    r = cfg.rollout
+    if r.temperature <= 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
+        raise ConfigError("rollout.temperature must be > 0, rollout.top_p in (0, 1], rollout.top_k >= 0")
+    if not 1 <= r.max_new_tokens < cfg.train.seq_length:
+        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} must be in 1..train.seq_length"
+                          f" − 1 = {cfg.train.seq_length - 1} (prompt and answer share a row)")
+    if r.thinking_budget is not None and r.thinking_budget < 1:
+        raise ConfigError("rollout.thinking_budget must be >= 1 (or null: no budget)")
+    if "</think>" not in r.stop_thinking_text:
+        raise ConfigError("rollout.stop_thinking_text must contain </think> (it closes the thinking)")
+    if r.sync_interval < 1 or r.probe_prompts < 1 or r.tensor_parallel < 1 or r.sync_bucket_mb < 1:
+        raise ConfigError("rollout.sync_interval, probe_prompts, tensor_parallel and sync_bucket_mb must be >= 1")
+    if r.probe_tolerance is not None and r.probe_tolerance <= 0:
+        raise ConfigError("rollout.probe_tolerance must be > 0 (or null: by engine dtype)")
+    if not torch.cuda.is_available() and head_dim not in CPU_ENGINE_HEAD_DIMS:
+        raise ConfigError(f"head_dim={head_dim}: vLLM on a CPU supports head sizes "
+                          f"{', '.join(map(str, CPU_ENGINE_HEAD_DIMS))}")
+
+
+def _check_phases(cfg: JobConfig) -> None:
+    from qwen3kd.config.schema import Phase
+
+    phases = list(cfg.phases)
+    if not phases or len(set(phases)) != len(phases):
+        raise ConfigError(f"phases must list each phase at most once, got {[p.value for p in phases]}")
+    if phases == [Phase.onpolicy, Phase.offpolicy]:
+        raise ConfigError("phases: offpolicy comes before onpolicy (the student first learns the "
+                          "teacher's answers, then its own)")
+    if Phase.onpolicy not in phases:
+        return
+    o = cfg.onpolicy
+    if cfg.teacher is None:
+        raise ConfigError("phases: onpolicy needs a teacher (it scores the student's answers)")
+    if o.steps < 1:
+        raise ConfigError("onpolicy.steps must be >= 1 when phases has onpolicy")
+    if not o.prompts or not Path(o.prompts).is_file():
+        raise ConfigError(f"onpolicy.prompts: file not found: {o.prompts}")
+    if not 0 <= o.think_ratio <= 1:
+        raise ConfigError(f"onpolicy.think_ratio must be in [0, 1], got {o.think_ratio}")
+    if not cfg.data.tokenizer and not cfg.checkpoint.load:
+        raise ConfigError("phases: onpolicy renders prompts with the student's tokenizer: set "
+                          "data.tokenizer (or checkpoint.load to a folder with tokenizer files)")
+    check_rollout(cfg, cfg.model.head_dim)
+
+
 def validate(cfg: JobConfig, world_size: int | None = None):
     """Raise ConfigError (a ValueError) on the first inconsistency; return the parallel layout."""
     from qwen3kd.distributed.layout import ParallelLayout
@@ -146,4 +203,5 @@ def validate(cfg: JobConfig, world_size: int | None = None):
     _check_train(cfg, layout.dp)
     _check_paths(cfg)
     _check_distillation(cfg, layout)
+    _check_phases(cfg)
     return layout

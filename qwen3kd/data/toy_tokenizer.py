@@ -156,7 +156,9 @@ _CHAT_LINES = (
 
 def default_corpus() -> list[str]:
     """A few hundred short English and arithmetic lines, generated (no data file to ship)."""
-    lines = [f"{s.capitalize()} {v} {o}." for s, v, o in
+    # Paragraph breaks: as in Qwen3's vocabulary, "\n\n" becomes one token (the empty think block
+    # and the end of a no_think generation prompt are made of it).
+    lines = [f"{s.capitalize()} {v} {o}\n\n" for s, v, o in
              itertools.product(_SUBJECTS, _VERBS, _OBJECTS)]
     for a, b in itertools.product(range(0, 100, 7), (3, 8, 12, 45, 99)):
         lines.append(f"What is {a} + {b}?\n{a} + {b} = {a + b}.")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3kd.checkpoint.weights import hf_files_of
-from qwen3kd.config.schema import DataKind, JobConfig
+from qwen3kd.config.schema import DataKind, JobConfig, Phase
 from qwen3kd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,27 @@ class TrainData:
     @classmethod
     def open(cls, cfg: JobConfig) -> TrainData:
         d, t = cfg.data, cfg.train
-        if d.kind is not DataKind.chat:
+        onpolicy = cfg.teacher is not None and Phase.onpolicy in cfg.phases
+        reads_data = cfg.teacher is None or Phase.offpolicy in cfg.phases  # else rollouts are the data
+        tok = tok_dir = train = held_out = None
+        if d.kind is DataKind.chat or onpolicy:
+            from qwen3kd.data.chat import load_tokenizer
+
+            tok_dir = tokenizer_path(d.tokenizer, cfg.checkpoint.load, "data.tokenizer", "checkpoint.load")
+            tok = load_tokenizer(tok_dir)
+            if cfg.teacher is not None:
+                check_teacher(cfg, tok, tok_dir)
+        if d.kind is DataKind.chat:
+            from qwen3kd.data.chat import open_chat
+
+            if reads_data:
+                train = open_chat(d.path, tok, d, t.seq_length, cfg.model.vocab_size, t.seed)
+            if d.eval_path:
+                held_out = open_chat(d.eval_path, tok, d, t.seq_length, cfg.model.vocab_size, t.seed)
+        elif reads_data:
             from qwen3kd.data.lm import open_dataset
 
-            return cls(open_dataset(d, t.seed, cfg.model.vocab_size), None, None, None)
-        from qwen3kd.data.chat import load_tokenizer, open_chat
-
-        tok_dir = tokenizer_path(d.tokenizer, cfg.checkpoint.load, "data.tokenizer", "checkpoint.load")
-        tok = load_tokenizer(tok_dir)
-        if cfg.teacher is not None:
-            check_teacher(cfg, tok, tok_dir)
-        train = open_chat(d.path, tok, d, t.seq_length, cfg.model.vocab_size, t.seed)
-        held_out = None
-        if d.eval_path:
-            held_out = open_chat(d.eval_path, tok, d, t.seq_length, cfg.model.vocab_size, t.seed)
+            train = open_dataset(d, t.seed, cfg.model.vocab_size)
         return cls(train, held_out, tok, tok_dir)
 
 

@@ -19,6 +19,7 @@ from qwen3kd.config.schema import JobConfig
 from qwen3kd.data.batches import collate
 from qwen3kd.data.chat import MODES
 from qwen3kd.files import write_text_atomic
+from qwen3kd.trainer.phases import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Evaluator:
         self.batches = self._batches(ps.get_data_parallel_rank(), layout.dp)  # the same each time
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.eval.interval == 0 or step == self.cfg.train.steps
+        return step % self.cfg.eval.interval == 0 or step == total_steps(self.cfg)
 
     def _logged_samples(self) -> dict[tuple[int, int], int]:
         """(row, segment) → slot, for the first k samples in row order."""

@@ -1,9 +1,13 @@
 """The training loop: the student learns from the co-located teacher (or alone, by cross-entropy).
 
-Each phase of a step is a named method; the loop itself reads like the algorithm:
-    for each step:  teacher onload → forward-backward over micro-batches (per micro-batch: teacher
-                    forward, student forward, KD loss) → optimizer step → teacher offload
-                    → metrics → evaluation → checkpoint
+Each part of a step is a named method; the loop itself reads like the algorithm:
+    for each phase (off-policy, on-policy; config `phases`):
+      for each step:  batch (off-policy: the teacher's answers; on-policy: the student's rollouts)
+                      → teacher onload → forward-backward over micro-batches (per micro-batch:
+                      teacher forward, student forward, KD loss) → optimizer step → teacher
+                      offload → (on-policy) weight sync into the rollout engine + staleness probe
+                      → metrics → evaluation → checkpoint
+      hand over: a checkpoint at the phase's last step
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.distributed as dist
 
 from qwen3kd.checkpoint import training
 from qwen3kd.checkpoint.weights import hf_files_of, load_initial_weights
-from qwen3kd.config.schema import JobConfig
+from qwen3kd.config.schema import JobConfig, Phase
 from qwen3kd.data.batches import micro_batches
 from qwen3kd.distributed.layout import ParallelLayout
 from qwen3kd.models.qwen3 import build_model
@@ -26,6 +30,7 @@ from qwen3kd.trainer.data import TrainData
 from qwen3kd.trainer.evaluate import Evaluator
 from qwen3kd.trainer.objectives import KDObjective, LMObjective, device
 from qwen3kd.trainer.optim import build_optimizer, wrap_ddp
+from qwen3kd.trainer.phases import onpolicy_kd, phase_plan, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,14 @@ class Trainer:
             from qwen3kd.teacher.frozen import Teacher
 
             self.teacher = Teacher(cfg, self.layout)
-            self.objective = KDObjective(cfg, self.teacher, self.model, with_ce=False)
+            self.objectives = {
+                Phase.offpolicy: KDObjective(cfg, self.teacher, self.model, with_ce=False),
+                Phase.onpolicy: KDObjective(cfg, self.teacher, self.model, with_ce=False,
+                                            kd=onpolicy_kd(cfg)),
+            }
         else:
-            self.objective = LMObjective()
+            self.objectives = {Phase.offpolicy: LMObjective()}
+        self.phase, self.rollouts = Phase.offpolicy, None
         self.evaluator = Evaluator.create(cfg, self.data, self.teacher, self.model, self.layout)
         self.dp_rank = ps.get_data_parallel_rank()
         # The ranks whose loss values are reported: last pipeline stage, first TP rank.
@@ -98,11 +108,20 @@ class Trainer:
         return Path(resume)
 
     # ---- one step -----------------------------------------------------------------------
-    def forward_backward(self) -> torch.Tensor:
+    @property
+    def objective(self):
+        return self.objectives[self.phase]
+
+    def next_batches(self) -> tuple[list, dict[str, float]]:
+        """This rank's micro-batches of the next step, and metrics of how they were made."""
+        if self.phase is Phase.onpolicy:
+            return self.rollouts.batches(self.progress.step + 1)
         t = self.cfg.train
-        batches = micro_batches(self.data.train, self.progress.consumed_samples,
-                                t.global_batch_size, t.micro_batch_size, self.dp_rank,
-                                self.layout.dp, t.seq_length)
+        return micro_batches(self.data.train, self.progress.consumed_samples, t.global_batch_size,
+                             t.micro_batch_size, self.dp_rank, self.layout.dp, t.seq_length), {}
+
+    def forward_backward(self, batches: list) -> torch.Tensor:
+        t = self.cfg.train
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -119,50 +138,89 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
+        batches, made = self.next_batches()
         if self.teacher is not None:
             self.teacher.onload()
-        total = self.forward_backward()
+        total = self.forward_backward(batches)
         timings = self.teacher.end_step() if self.teacher is not None else {}
         opt_start = time.perf_counter()
         grad_norm, lr = self.optimizer_step()
         if self.teacher is not None:
             self.teacher.offload()
-        self.progress.step += 1
-        self.progress.consumed_samples += self.cfg.train.global_batch_size
         end = time.perf_counter()
+        self.progress.step += 1
+        if self.phase is Phase.offpolicy:
+            self.progress.consumed_samples += self.cfg.train.global_batch_size
+        elif self.rollouts.sync_due(self.progress.step):
+            made.update(self.rollouts.sync())
         metrics = self.objective.summarise(total, "train")
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr, "time/step": end - start,
                         "time/optimizer": end - opt_start,
                         "train/tokens_per_s": metrics["train/tokens"] / (end - start)})
         metrics.update(max_over_ranks(timings))
+        metrics.update(made)
         return metrics
 
     # ---- the loop -----------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        steps, history = self.cfg.train.steps, []
+        history, plan = [], phase_plan(self.cfg)
         first, start = self.progress.step, time.perf_counter()
-        while self.progress.step < steps:
-            metrics = self.train_step()
-            step = self.progress.step
-            if self.evaluator.due(step):
-                metrics.update(self.evaluator.run(step, self.metrics))
-            history.append(metrics)
-            self.metrics.log_metrics(metrics, step)
-            self.report(step, metrics, (time.perf_counter() - start) / (step - first))
-            interval = self.cfg.checkpoint.interval
-            if interval and step % interval == 0:
-                self.save()
+        for phase, begin, end in plan:
+            if self.progress.step >= end:
+                continue  # done before a resume
+            self.begin_phase(phase, begin, end)
+            while self.progress.step < end:
+                metrics = self.checked_step()
+                step = self.progress.step
+                if self.evaluator.due(step):
+                    metrics.update(self.evaluator.run(step, self.metrics))
+                history.append(metrics)
+                self.metrics.log_metrics(metrics, step)
+                self.report(step, metrics, (time.perf_counter() - start) / (step - first))
+                interval = self.cfg.checkpoint.interval
+                if interval and step % interval == 0:
+                    self.save()
+            self.end_phase(last=end == plan[-1][2])
         self.finish()
         return history
 
+    def checked_step(self) -> dict[str, float]:
+        from qwen3kd.rollout.engine import RolloutEngineError
+
+        try:
+            return self.train_step()
+        except RolloutEngineError as e:
+            last = training.latest(Path(self.cfg.checkpoint.dir))
+            raise RolloutEngineError(
+                f"step {self.progress.step + 1}: {e}. The run stops; its last checkpoint "
+                f"({last or 'none yet'}) is complete: resume=auto continues from it") from e
+
+    def begin_phase(self, phase: Phase, begin: int, end: int) -> None:
+        self.phase = phase
+        log.info("phase %s: steps %d..%d", phase.value, self.progress.step + 1, end)
+        if phase is Phase.onpolicy:
+            from qwen3kd.trainer.onpolicy import OnPolicySource
+
+            self.rollouts = OnPolicySource(self.cfg, self.layout, self.data.tokenizer, self.model, begin)
+            # The engine starts without weights: the first sync brings the student's and probes them.
+            self.metrics.log_metrics(self.rollouts.sync(), self.progress.step)
+
+    def end_phase(self, last: bool) -> None:
+        """Hand over to the next phase: a checkpoint of this phase's last step."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
+        if not last and self.saved_step != self.progress.step:
+            self.save()
+
     def report(self, step: int, m: dict[str, float], per_step: float) -> None:
         """The progress line on rank 0: step, loss, tokens/s, ETA."""
-        steps = self.cfg.train.steps
+        steps = total_steps(self.cfg)
         if step % self.cfg.train.log_interval and step != steps:
             return
         bar = "#" * round(20 * step / steps) + "." * (20 - round(20 * step / steps))
         extra = "".join(f"  {k.replace('train/', '').replace('/', '_')} {m[k]:.4f}"
-                        for k in ("train/kl", "eval/kl") if k in m)
+                        for k in ("train/kl", "eval/kl", "rollout/probe_gap") if k in m)
         log.info("[%s] step %d/%d  loss %.4f%s  grad_norm %.3f  lr %.2e  %.0f tok/s  eta %.0fs",
                  bar, step, steps, m["train/loss"], extra, m["train/grad_norm"], m["train/lr"],
                  m["train/tokens_per_s"], per_step * (steps - step))
@@ -182,7 +240,9 @@ class Trainer:
         self.metrics.close()
 
     def fail(self) -> None:
-        """The run is ending on an exception: the tracking run says so."""
+        """The run is ending on an exception: the engine goes, the tracking run says so."""
+        if getattr(self, "rollouts", None) is not None:
+            self.rollouts.close()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close(status="FAILED")

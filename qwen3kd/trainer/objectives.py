@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from qwen3kd.config.schema import JobConfig
+from qwen3kd.config.schema import JobConfig, KDConfig
 from qwen3kd.data.batches import MicroBatch
 from qwen3kd.data.chat import MODES
 from qwen3kd.losses.fused import METRICS, KDSpec, fused_kd_loss
@@ -64,10 +64,10 @@ class KDObjective:
     hidden states and output-layer shards, vocabulary-parallel and chunked."""
 
     def __init__(self, cfg: JobConfig, teacher: Teacher, model_chunks: list, with_ce: bool,
-                 n_groups: int = len(MODES)):
+                 n_groups: int = len(MODES), kd: KDConfig | None = None):
         from megatron.core import parallel_state as ps
 
-        k = cfg.kd
+        k = kd or cfg.kd
         self.spec = KDSpec(kind=k.kind.value, temperature=k.temperature, beta=k.beta, skew=k.skew,
                            alpha=k.alpha, chunk=k.chunk, topk=k.topk)
         self.teacher, self.with_ce, self.n_groups = teacher, with_ce or k.alpha < 1, n_groups

@@ -6,6 +6,7 @@ import torch
 
 from qwen3kd.config.schema import JobConfig, LRDecay, Precision
 from qwen3kd.distributed.layout import ParallelLayout
+from qwen3kd.trainer.phases import total_steps
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: JobConfig, layout: ParallelLayout):
@@ -48,7 +49,7 @@ def build_optimizer(model: list[torch.nn.Module], cfg: JobConfig, layout: Parall
     )
     optimizer = get_megatron_optimizer(opt_cfg, model)
     # A 0-step run (e.g. one that only writes initial weights) still needs a valid schedule.
-    steps = max(cfg.train.steps, o.warmup_steps + 1)
+    steps = max(total_steps(cfg), o.warmup_steps + 1)  # over all phases
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,

@@ -1,6 +1,7 @@
 """A Hugging Face checkpoint gives transformers' logits (max |Δ| ≤ 1e-4, fp32) at TP=1, TP=2,
 PP=2 and EP=2, both loaded directly and after `qwen3kd convert --to megatron` (the converted
-checkpoint is written at TP=PP=EP=1 and resharded on load)."""
+checkpoint is written at TP=PP=EP=1 and resharded on load); and the rollout weight sync gathers
+exactly the folder's tensors back from each of those layouts."""
 
 from __future__ import annotations
 
@@ -64,3 +65,11 @@ def test_layout_logits_match_transformers(hf_folders, case, tmp_path):
         ours = torch.load(f"{out}.{source}.pt")
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() <= 1e-4, ("direct", "converted")[source]
+    # The weight sync's gather (every data-parallel replica's first rank): the same names and
+    # bitwise the same tensors as the Hugging Face folder.
+    import json
+
+    replicas = json.loads((tmp_path / "logits.sync.json").read_text())
+    assert len(replicas) == (2 if case in ("dense-tp1", "tied-tp1", "moe-tp1", "moe-ep2") else 1)
+    for r in replicas:
+        assert r["tensors"] > 0 and not (r["missing"] or r["extra"] or r["different"]), r

@@ -1,0 +1,259 @@
+"""The on-policy phase's batches: the student answers prompts in the rollout engine, the rows it
+trains on are those exact token ids, and after optimizer steps its new weights go back into the
+engine, checked by a staleness probe.
+
+Placement: one engine per data-parallel replica, held by the replica's first rank (TP 0, PP 0),
+which generates that replica's share of the global batch and broadcasts it to the replica's other
+ranks. Order around a training step (asserted by tests/unit/test_onpolicy_parts.py), so that on a
+GPU the engine and the trainer never hold their working memory at once:
+    engine.wake_up(kv_cache) → generate → probe of the old weights → engine.sleep
+    → [teacher onload → forward/backward → optimizer step → teacher offload]   (the trainer)
+    → engine.wake_up(weights) → load_weights → wake_up(kv_cache) → probe → engine.sleep
+Probe: the log-probs of fixed sequences (the first prompts, think mode) from the engine after the
+push must match the trainer's own within rollout.probe_tolerance, else the run stops: a stale or
+wrongly loaded engine would silently train the student on another policy's samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from qwen3kd.config.schema import JobConfig, Mode
+from qwen3kd.data.batches import Row, collate
+from qwen3kd.data.chat import MODES
+from qwen3kd.errors import DataError
+from qwen3kd.faults import armed
+from qwen3kd.rollout.engine import Request, Rollout, RolloutEngineError
+from qwen3kd.rollout.prompts import load_prompts, prompt_mode, render_prompt
+
+log = logging.getLogger(__name__)
+
+STATS = ("answers", "response_tokens", "truncated", "compliant", "budget_cut")
+
+
+def compliant(r: Rollout, think: tuple[int, int], empty_block: list[int]) -> bool:
+    """think: the answer opens and closes its thinking; no_think: the prompt ends with the empty
+    think block and the answer has no thinking of its own."""
+    open_id, close_id = think
+    ids = r.response_ids
+    if r.mode is Mode.think:
+        return bool(ids) and ids[0] == open_id and close_id in ids
+    return r.prompt_ids[-len(empty_block):] == empty_block and open_id not in ids and close_id not in ids
+
+
+def rollout_row(r: Rollout, seq: int) -> Row:
+    ids = np.asarray(r.prompt_ids + r.response_ids, dtype=np.int64)[: seq + 1]
+    mask = np.zeros(len(ids), dtype=np.float32)
+    p = len(r.prompt_ids)
+    # Label t is token t + 1: response token j is learned at position p − 1 + j (sampled ones only).
+    sampled = np.asarray(r.sampled, dtype=np.float32)[: len(ids) - p]
+    mask[p - 1: p - 1 + len(sampled)] = sampled
+    modes = np.full(len(ids), MODES.index(r.mode), dtype=np.int64)
+    return Row(ids=ids, mask=mask[:-1], modes=modes[:-1])
+
+
+class OnPolicySource:
+    def __init__(self, cfg: JobConfig, layout, tokenizer, model: list, first_step: int,
+                 engine_factory=None):
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.tok, self.model, self.first_step = cfg, tokenizer, model, first_step
+        self.dp, self.dp_rank = layout.dp, ps.get_data_parallel_rank()
+        self.group = ps.get_model_parallel_group()
+        self.first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        if self.first != (dist.get_rank(self.group) == 0):
+            raise RuntimeError("the replica's first rank (TP 0, PP 0) is not rank 0 of its model-parallel group")
+        r = cfg.rollout
+        from qwen3kd.rollout.vllm_engine import engine_dtype, stop_thinking_ids
+
+        stop_thinking_ids(tokenizer, r)  # checked on every rank, before the engine starts
+        self.prompts = self._prompts()
+        self.order = np.random.default_rng(cfg.train.seed).permutation(len(self.prompts))
+        self.probe = [render_prompt(tokenizer, self.prompts[i].messages, Mode.think)
+                      for i in range(min(r.probe_prompts, len(self.prompts)))]
+        self.think = (tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>"))
+        self.empty_block = tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+        self.engine, self.stale_lp = None, None
+        if self.first:
+            self.engine = (engine_factory or self._start_engine)()
+        self.tolerance = r.probe_tolerance if r.probe_tolerance is not None else (
+            1e-3 if engine_dtype(r) == torch.float32 else 5e-2)
+
+    def _prompts(self) -> list:
+        c = self.cfg
+        prompts = load_prompts(c.onpolicy.prompts)
+        room = c.train.seq_length + 1 - c.rollout.max_new_tokens
+        # no_think renders the longer prompt (the empty think block): it must leave room for the answer.
+        kept = [p for p in prompts if len(render_prompt(self.tok, p.messages, Mode.no_think)) <= room]
+        if len(kept) < len(prompts):
+            log.warning("%s: %d of %d prompts dropped: prompt + rollout.max_new_tokens exceeds "
+                        "train.seq_length + 1", c.onpolicy.prompts, len(prompts) - len(kept), len(prompts))
+        if not kept:
+            raise DataError(f"{c.onpolicy.prompts}: no prompt leaves room for rollout.max_new_tokens="
+                            f"{c.rollout.max_new_tokens} within train.seq_length={c.train.seq_length}")
+        return kept
+
+    def _start_engine(self):
+        """vLLM on a config-only Hugging Face folder with dummy weights: the first sync brings the
+        student's, so the engine never starts from anything but the trainer's weights."""
+        from qwen3kd.checkpoint.convert import write_hf_config
+        from qwen3kd.rollout.vllm_engine import VllmEngine, engine_dtype
+
+        c = self.cfg
+        folder = Path(c.run.dir) / "rollout_model"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_hf_config(folder, None, c.model, engine_dtype(c.rollout))
+        return VllmEngine(folder, self.tok, c.rollout, c.train.seq_length + 1, c.data.end_of_turn,
+                          dummy_weights=True)
+
+    # ---- rollouts -----------------------------------------------------------------------
+    def requests(self, step: int) -> list[Request]:
+        """This replica's prompts for `step` (1-based): its slice of the global batch."""
+        c, per = self.cfg, self.cfg.train.global_batch_size // self.dp
+        base = (step - 1 - self.first_step) * c.train.global_batch_size + self.dp_rank * per
+        out = []
+        for g in range(base, base + per):
+            p = self.prompts[int(self.order[g % len(self.order)])]
+            mode = prompt_mode(p, g, c.onpolicy.think_ratio, c.rollout.seed)
+            seed = int(np.random.default_rng([c.rollout.seed, step, g]).integers(2**31))
+            out.append(Request(render_prompt(self.tok, p.messages, mode), mode, seed))
+        return out
+
+    def batches(self, step: int) -> tuple[list, dict[str, float]]:
+        """Micro-batches of this replica's rollouts for `step`, and the rollout metrics."""
+        start, c = time.perf_counter(), self.cfg
+        rollouts = [None]
+        if self.first:
+            if armed("engine_dead", step):  # the crash drill of the tests (qwen3kd/faults.py)
+                log.warning("QWEN3KD_FAULT: killing the rollout engine's processes at step %d", step)
+                self.engine.kill()
+            self.engine.wake_up(("kv_cache",))
+            rollouts = [self.engine.generate(self.requests(step))]
+            self.stale_lp = self.engine.prompt_logprobs(self.probe)  # the weights the step learns from
+            self.engine.sleep(keep_weights=not self.sync_due(step))
+        dist.broadcast_object_list(rollouts, group=self.group, group_src=0)
+        rollouts = rollouts[0]
+        t = c.train
+        rows = [rollout_row(r, t.seq_length) for r in rollouts]
+        mbs = [collate(rows[i: i + t.micro_batch_size], t.seq_length)
+               for i in range(0, len(rows), t.micro_batch_size)]
+        metrics = self._metrics(rollouts)
+        metrics["time/rollout"] = time.perf_counter() - start
+        return mbs, metrics
+
+    def _metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
+        sums = torch.zeros(len(MODES), len(STATS), dtype=torch.float64)
+        for r in rollouts:
+            sums[MODES.index(r.mode)] += torch.tensor([
+                1, len(r.response_ids), r.finish_reason == "length",
+                compliant(r, self.think, self.empty_block), r.budget_cut], dtype=torch.float64)
+        from megatron.core import parallel_state as ps
+
+        from qwen3kd.trainer.objectives import device
+
+        sums = sums.to(device())
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        sums = sums.cpu()
+        out = {"rollout/response_length": float(sums[:, 1].sum() / sums[:, 0].sum())}
+        for i, mode in enumerate(MODES):
+            n = float(sums[i, 0])
+            if n:
+                m = mode.value
+                out[f"rollout/answers/{m}"] = n
+                out[f"rollout/response_length/{m}"] = float(sums[i, 1]) / n
+                out[f"rollout/truncation_rate/{m}"] = float(sums[i, 2]) / n
+                out[f"rollout/mode_compliance/{m}"] = float(sums[i, 3]) / n
+                if mode is Mode.think:
+                    out["rollout/budget_cut_rate/think"] = float(sums[i, 4]) / n
+        return out
+
+    # ---- weight sync --------------------------------------------------------------------
+    def sync_due(self, step: int) -> bool:
+        return (step - self.first_step) % self.cfg.rollout.sync_interval == 0
+
+    def sync(self) -> dict[str, float]:
+        """Push the student's weights into the engine; compare log-probs on the probe."""
+        from qwen3kd.rollout.weight_sync import hf_weights
+
+        start = time.perf_counter()
+        weights = hf_weights(self.model, self.cfg.model)
+        if self.first:
+            self.engine.wake_up(("weights",))
+            self.engine.load_weights(weights)
+            self.engine.wake_up(("kv_cache",))
+            engine_lp = self.engine.prompt_logprobs(self.probe)
+            self.engine.sleep(keep_weights=True)
+        else:
+            for _ in weights:  # drive this rank's share of the gather
+                pass
+        elapsed = time.perf_counter() - start
+        trainer_lp = self.trainer_logprobs()
+        gap = shift = 0.0
+        if self.first:
+            gap = max_abs_diff(engine_lp, trainer_lp)
+            shift = max_abs_diff(self.stale_lp, trainer_lp) if self.stale_lp is not None else 0.0
+        from qwen3kd.trainer.loop import max_over_ranks
+
+        m = max_over_ranks({"rollout/probe_gap": gap, "rollout/policy_shift": shift,
+                            "time/weight_sync": elapsed})
+        if m["rollout/probe_gap"] > self.tolerance:
+            raise RolloutEngineError(
+                f"staleness probe: the rollout engine's log-probs differ from the trainer's by up "
+                f"to {m['rollout/probe_gap']:.3g} (rollout.probe_tolerance={self.tolerance:g}) "
+                f"after the weight sync: the engine does not run the student's weights")
+        return m
+
+    def trainer_logprobs(self) -> list[list[float]]:
+        """log p(token t | < t) of the probe under the trainer's student (all ranks; forward only)."""
+        from qwen3kd.trainer.loop import run_schedule
+
+        t = self.cfg.train
+        rows = [Row(ids=np.asarray(p, dtype=np.int64), mask=np.ones(len(p) - 1, dtype=np.float32))
+                for p in self.probe]
+        rows += rows[:1] * (-len(rows) % t.micro_batch_size)  # whole micro-batches
+        mbs = [collate(rows[i: i + t.micro_batch_size], t.seq_length)
+               for i in range(0, len(rows), t.micro_batch_size)]
+        objective = _LogProbs(len(rows), t.seq_length, t.micro_batch_size)
+        from megatron.core import parallel_state as ps
+
+        reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        with torch.no_grad():
+            total = run_schedule(self.model, objective, mbs, t, reports, forward_only=True)
+        total /= self.dp  # every replica scored the same probe
+        return [total[i, : len(p) - 1].tolist() for i, p in enumerate(self.probe)]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
+
+
+class _LogProbs:
+    """Forward-only objective: each probe row's per-token log-probs, in its own report slot."""
+
+    def __init__(self, rows: int, seq: int, mbs: int):
+        self.shape, self.mbs, self.seen = (rows, seq), mbs, 0
+
+    def forward_step(self, data_iterator, model):
+        from functools import partial
+
+        from qwen3kd.trainer.objectives import _to_device
+
+        tokens, pos, labels, mask, attn = _to_device(next(data_iterator))
+        first, self.seen = self.seen, self.seen + self.mbs
+        return model(tokens, pos, attn, labels=labels), partial(self.loss, first, mask)
+
+    def loss(self, first: int, mask: torch.Tensor, per_token_ce: torch.Tensor):
+        report = torch.zeros(self.shape, dtype=torch.float64)
+        report[first: first + per_token_ce.shape[0]] = (-per_token_ce.double() * mask.double()).cpu()
+        zero = per_token_ce.sum() * 0.0
+        return zero, mask.sum().to(torch.int), {"report": report}
