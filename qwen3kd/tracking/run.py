@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qwen3kd.config.schema import JobConfig
+from qwen3kd.config.schema import JobConfig, Phase
 from qwen3kd.tracking import JsonlMetrics, MetricsLogger, NullMetrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,13 @@ def lineage_tags(cfg: JobConfig, data) -> dict[str, str]:
             "kd.kind": cfg.kd.kind.value, "kd.temperature": str(cfg.kd.temperature),
             "kd.alpha": str(cfg.kd.alpha), "kd.topk": str(cfg.kd.topk),
         })
+        if Phase.onpolicy in cfg.phases:
+            from qwen3kd.trainer.phases import onpolicy_kd
+
+            # DESIGN.md: say at which temperature the teacher scores the student's samples.
+            k = onpolicy_kd(cfg)
+            tags.update({"onpolicy.kd_kind": k.kind.value, "onpolicy.kd_temperature": str(k.temperature),
+                         "onpolicy.rollout_temperature": str(cfg.rollout.temperature)})
     if data.tokenizer is not None:
         tags["lineage.tokenizer"] = vocab_hash(data.tokenizer.get_vocab())
         tags["lineage.chat_template"] = text_hash(data.tokenizer.chat_template or "")

@@ -51,7 +51,9 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, tmp_path):
     assert all(x["rollout/policy_shift"] > 1e-2 for x in syncs[1:]), [x["rollout/policy_shift"] for x in syncs]
     run_id = (clean / "mlflow_run_id").read_text().strip()
     client = MlflowClient(f"sqlite:///{clean / 'mlflow.db'}")
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["onpolicy.kd_kind"] == "reverse_kl" and run.data.tags["onpolicy.kd_temperature"] == "1.0"
     logged = {k: [p.step for p in client.get_metric_history(run_id, k)]
               for k in ("train/kl/think", "train/kl/no_think", "rollout/mode_compliance/no_think",
                         "rollout/probe_gap", "time/weight_sync", "time/rollout")}
