@@ -176,7 +176,8 @@ class Bench:
         c = self.cfg  # the engine's own sampling settings (VllmEngine._params), minus its extras
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or -1,
                               max_tokens=c.max_new_tokens, seed=seed, logprobs=logprobs,
-                              stop_token_ids=[self.eot], ignore_eos=True, detokenize=False)
+                              stop_token_ids=[self.eot], ignore_eos=True, detokenize=False,
+                              flat_logprobs=logprobs is not None)  # as the engine asks for them
 
     def run_vllm(self, n: int, seeds: bool = False, logprobs: bool = False) -> list[int]:
         from vllm.inputs import TokensPrompt

@@ -88,32 +88,29 @@ def collate(rows: list[Row], seq: int) -> MicroBatch:
 class PackedSamples:
     """Chat samples in rows of at most seq_length + 1 tokens.
 
-    Packing is first-fit over the rows still open (at most `window` of them, so it stays
-    linear in the data): deterministic, and close to the best fill for short samples. Without
-    packing, each sample is a row of its own (padded).
+    Packing is best-fit decreasing within blocks of `block` samples (in the shuffled order):
+    each sample, longest first, goes into the open row it fills best. Online first-fit in a random
+    order wastes ~20 % of the rows when samples are a sizeable fraction of a row; best-fit
+    decreasing is within 11/9 of the fewest rows possible, and blocks keep it O(n log n) with the
+    rows of one block mixed from the same part of the shuffled data. Inside a row samples keep
+    their shuffled order; the rows themselves are then shuffled (seeded), so an epoch does not run
+    from the long samples to the short ones. Without packing, each sample is a row of its own.
     """
 
-    def __init__(self, samples, seq: int, pack: bool, shuffle: bool, seed: int, window: int = 256):
-        order = np.arange(len(samples))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(samples))
+    def __init__(self, samples, seq: int, pack: bool, shuffle: bool, seed: int, block: int = 8192):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(samples)) if shuffle else np.arange(len(samples))
         self.samples, cap = samples, seq + 1
-        self.rows: list[list[int]] = []
-        open_rows: list[tuple[int, int]] = []  # (row index, free tokens)
-        for i in order:
-            n = len(samples[i].ids)
-            k = next((k for k, (_, free) in enumerate(open_rows) if free >= n), None) if pack else None
-            if k is None:
-                self.rows.append([int(i)])
-                open_rows.append((len(self.rows) - 1, cap - n))
-                if len(open_rows) > window or not pack:
-                    open_rows.pop(0)
-            else:
-                r, free = open_rows[k]
-                self.rows[r].append(int(i))
-                open_rows[k] = (r, free - n)
+        if pack:
+            self.rows = []
+            for b in range(0, len(order), block):
+                self.rows += _best_fit_decreasing(order[b: b + block], samples, cap)
+            if shuffle:
+                self.rows = [self.rows[i] for i in rng.permutation(len(self.rows))]
+        else:
+            self.rows = [[int(i)] for i in order]
         used = sum(len(s.ids) for s in samples)
-        self.fill = used / (len(self.rows) * cap)
+        self.fill = used / (max(len(self.rows), 1) * cap)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -135,3 +132,26 @@ class PackedSamples:
             modes[start: start + len(s.ids)] = s.mode
             start += len(s.ids)
         return Row(ids=ids, mask=mask[:-1], segments=segments, modes=modes[:-1])
+
+
+def _best_fit_decreasing(indices: np.ndarray, samples, cap: int) -> list[list[int]]:
+    """Rows of sample indices (each row's samples in the order of `indices`)."""
+    import bisect
+
+    rank = {int(i): k for k, i in enumerate(indices)}
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is a bisect away
+    for i in sorted(rank, key=lambda i: (-len(samples[i].ids), rank[i])):
+        n = len(samples[i].ids)
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (cap - n, len(rows) - 1))
+        else:
+            left, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (left - n, r))
+    for r in rows:
+        r.sort(key=rank.__getitem__)
+    rows.sort(key=lambda r: rank[r[0]])
+    return rows

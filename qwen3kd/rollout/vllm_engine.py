@@ -88,6 +88,15 @@ def stop_thinking_ids(tokenizer, cfg: RolloutConfig) -> list[int]:
     return ids
 
 
+def _sampled_logprobs(flat, ids: list[int]) -> list[float]:
+    """The sampled token's log-prob at each position, from vLLM's FlatLogprobs (logprobs=0: the
+    sampled token is each position's first and only entry)."""
+    starts = flat.start_indices
+    if len(starts) != len(ids) or any(flat.token_ids[s] != t for s, t in zip(starts, ids, strict=True)):
+        raise RolloutEngineError("vLLM returned log-probs that do not match the sampled tokens")
+    return [flat.logprobs[s] for s in starts]
+
+
 class VllmEngine:
     """`RolloutEngine` on `vllm.LLM`. `model_dir` is a Hugging Face folder (config.json; weights
     unless `dummy_weights`, when the first `load_weights` brings them)."""
@@ -139,7 +148,10 @@ class VllmEngine:
         c = self.cfg
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or -1,
                               max_tokens=max_tokens, seed=seed, logprobs=0, stop_token_ids=stop,
-                              ignore_eos=True, detokenize=False)
+                              ignore_eos=True, detokenize=False,
+                              # Log-probs as flat lists, not one dict + Logprob object per token:
+                              # the object churn cost ~8 % of rollout throughput (bench_rollout).
+                              flat_logprobs=True)
 
     def _check_alive(self) -> None:
         """vLLM notices a dead engine core during a call, but a request sent to one that died
@@ -172,7 +184,7 @@ class VllmEngine:
         for o in self._generate(prompts, params):
             c = o.outputs[0]
             ids = list(c.token_ids)
-            lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids, strict=True)]
+            lps = _sampled_logprobs(c.logprobs, ids)
             result.append((ids, lps, c.finish_reason))
         return result
 

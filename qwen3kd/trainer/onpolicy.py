@@ -192,7 +192,8 @@ class OnPolicySource:
         else:
             for _ in weights:  # drive this rank's share of the gather
                 pass
-        elapsed = time.perf_counter() - start
+        # The engine holder's time: the others' clocks include waiting for it (e.g. to start vLLM).
+        elapsed = time.perf_counter() - start if self.first else 0.0
         trainer_lp = self.trainer_logprobs()
         gap = shift = 0.0
         if self.first:

@@ -31,14 +31,28 @@ def test_configs_folder_is_not_empty():
 
 
 def _runtime_overrides(path, request) -> list[str]:
-    """Smoke configs that read built assets (runs/toy-assets) get them from the fixture, and the
-    world size they are launched with."""
-    if path.name != "offpolicy-tiny.yaml":
+    """Configs that read built assets (`runs/toy-assets/…`, as their comments say to build) get
+    them from the fixture, and the world size their layout is launched with."""
+    from qwen3kd.config.loader import _layers
+
+    found: dict[str, str] = {}
+    par = {"tensor": 1, "pipeline": 1}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str) and v.startswith("runs/toy-assets/"):
+                found[f"{prefix}{k}"] = v.removeprefix("runs/toy-assets/")
+
+    for _, layer in _layers(path):
+        walk(layer, "")
+        par.update({k: v for k, v in layer.get("parallel", {}).items() if k in par})
+    if not found:
         return []
     a = request.getfixturevalue("toy_assets")
-    return [f"data.path={a / 'train.jsonl'}", f"data.eval_path={a / 'eval.jsonl'}",
-            f"data.tokenizer={a / 'tokenizer'}", f"teacher.load={a / 'teacher'}",
-            "parallel.world_size=2"]
+    return [f"{key}={a / rel}" for key, rel in found.items()] + [
+        f"parallel.world_size={par['tensor'] * par['pipeline']}"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
