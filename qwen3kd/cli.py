@@ -2,7 +2,10 @@
 
     qwen3kd train CONFIG [key=value …] [--dry-run] [--debug]
     qwen3kd generate CONFIG [key=value …] [--debug]
+    qwen3kd eval CONFIG --model NAME=PATH [--model …] [key=value …] [--debug]
     qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
+    qwen3kd demo CONFIG [key=value …] [--debug]
+    qwen3kd compare [RUN_ID …] [--experiment NAME] --uri URI [--out DIR] [--debug]
 
 Bad input (config, layout, files) ends with one line on stderr and exit status 2; `--debug`
 shows the traceback instead.
@@ -33,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*",
                    help="key=value overrides, e.g. generate.both_modes=true")
     g.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    e = sub.add_parser("eval", help="models answer accuracy.prompts greedily in each mode: "
+                       "accuracy, mode compliance, thinking length")
+    e.add_argument("config", help="YAML with accuracy.prompts (prompts with an 'answer')")
+    e.add_argument("overrides", nargs="*", help="key=value overrides")
+    e.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="a Hugging Face folder or Megatron checkpoint to evaluate (repeatable)")
+    e.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     c = sub.add_parser("convert", help="Hugging Face folder <-> Megatron checkpoint (streamed)")
     c.add_argument("src", help="a Hugging Face folder, or a Megatron checkpoint (incl. training)")
     c.add_argument("dst", help="the new directory (must not exist)")
@@ -44,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-shard-size", type=float, default=5.0,
                    help="--to hf: GB per safetensors file")
     c.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    d = sub.add_parser("demo", help="the toy strong-to-weak pipeline on a CPU: teacher, teacher "
+                       "answers, off-policy, on-policy, control arm, evaluation")
+    d.add_argument("config", help="experiment YAML (e.g. configs/experiments/demo-arithmetic-cpu.yaml)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides")
+    d.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    m = sub.add_parser("compare", help="MLflow runs side by side: key metrics, config "
+                       "differences, plots (KL per mode, accuracy per phase)")
+    m.add_argument("run_ids", nargs="*", help="MLflow run ids (or use --experiment)")
+    m.add_argument("--experiment", help="every run of this MLflow experiment")
+    m.add_argument("--uri", required=True,
+                   help="tracking URI, e.g. sqlite:///runs/demo/mlflow.db or http://host:5000")
+    m.add_argument("--out", default="runs/compare", help="folder for runs.md and the PNG plots")
+    m.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     return p
 
 
@@ -105,6 +128,53 @@ def generate(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    from pathlib import Path
+
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.errors import ConfigError
+    from qwen3kd.rollout.accuracy import run_eval
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model {item!r}: expected NAME=PATH")
+        if name in models:
+            raise ConfigError(f"--model {name}: given twice")
+        models[name] = Path(path)
+    run_eval(load_config(args.config, args.overrides), models)
+    return 0
+
+
+def demo(args) -> int:
+    from pathlib import Path
+
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.demo.pipeline import Demo, StageError, table, verdict
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = Demo(cfg, Path(args.config)).run()
+    except StageError as e:
+        sys.stderr.write(f"qwen3kd: error: {e}\n")
+        return 1
+    browse = summary["mlflow"]["uri"]
+    sys.stdout.write("\n" + table(summary) + "\n" + verdict(summary) + f"\nsummary: {Path(cfg.run.dir) / 'summary.json'}"
+                     + (f"; runs: mlflow ui --backend-store-uri {browse}" if browse else "") + "\n")
+    return 0
+
+
+def compare(args) -> int:
+    from pathlib import Path
+
+    from qwen3kd.tracking.compare import compare as run_compare
+
+    text, _ = run_compare(args.uri, args.run_ids, args.experiment, Path(args.out))
+    sys.stdout.write(text)
+    return 0
+
+
 def convert(args) -> int:
     from pathlib import Path
 
@@ -141,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.debug)
     try:
-        return {"train": train, "generate": generate, "convert": convert}[args.command](args)
+        commands = {"train": train, "generate": generate, "eval": evaluate, "convert": convert,
+                    "demo": demo, "compare": compare}
+        return commands[args.command](args)
     except UserError as e:
         if args.debug:
             raise

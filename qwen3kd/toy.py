@@ -61,26 +61,38 @@ def write_prompts(path: Path, n: int, seed: int) -> Path:
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float = 0.3) -> Path:
-    """A random Qwen3 with the tiny-teacher architecture, saved as a Hugging Face folder with the
-    toy tokenizer's files (so the teacher's tokenizer is found next to its weights)."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+def random_qwen3(m, seed: int):
+    """A randomly initialised transformers Qwen3 of the preset `m` (a dense ModelConfig)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qwen3kd.config.loader import load_config
-
-    m = load_config(TEACHER_PRESET).model
     torch.manual_seed(seed)
-    hf = Qwen3ForCausalLM(Qwen3Config(
+    return Qwen3ForCausalLM(Qwen3Config(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
         max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
-        rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings))
-    with torch.no_grad():
-        hf.lm_head.weight.normal_(0.0, sharpness)
+        rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings,
+        initializer_range=m.init_std))
+
+
+def save_hf(hf, out: Path, tokenizer_dir: Path) -> Path:
+    """The model as a Hugging Face folder with the tokenizer's files next to the weights (where
+    the trainer and vLLM look for them, as in a real checkpoint)."""
+    from transformers import AutoTokenizer
+
     hf.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def save_teacher(out: Path, tokenizer_dir: Path, seed: int = 0, sharpness: float = 0.3) -> Path:
+    """A random Qwen3 with the tiny-teacher architecture, its output layer scaled up (sharp)."""
+    from qwen3kd.config.loader import load_config
+
+    hf = random_qwen3(load_config(TEACHER_PRESET).model, seed)
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, sharpness)
+    return save_hf(hf, out, tokenizer_dir)
 
 
 def make_toy_assets(out: Path, seed: int = 0, train_lines: int = 256, eval_lines: int = 32,

@@ -156,8 +156,13 @@ def load(path: Path, model: list, optimizer, scheduler, model_cfg: ModelConfig) 
     for i, m in enumerate(model):
         unwrap_model(m).load_state_dict(loaded[f"model{i}"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
-    # The schedule's shape comes from the config (so a run can be extended); its position from here.
-    scheduler.load_state_dict(loaded["scheduler"])
+    # The schedule comes from the config (so a run can be extended or re-tuned); its position from
+    # here. Megatron's scheduler reads the peak and floor rates from each parameter group, which
+    # the optimizer state just restored from the checkpoint: without this a changed optim.lr or
+    # optim.min_lr would be silently ignored on resume.
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    scheduler.load_state_dict(loaded["scheduler"])  # also sets each group's lr for the position
     rng = path / "rng" / f"rank{dist.get_rank():05d}.pt"
     if manifest.get("world_size") == dist.get_world_size() and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))

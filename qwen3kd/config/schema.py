@@ -145,7 +145,11 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 0
-    decay: LRDecay = LRDecay.cosine  # after warmup, from lr down to min_lr at train.steps
+    decay: LRDecay = LRDecay.cosine  # after warmup, from lr down to min_lr at decay_steps
+    # The step at which the decay reaches min_lr. None: the run's last step (all phases). Set it
+    # when a run is one part of a longer schedule (e.g. the off-policy phase of a run whose arms
+    # continue it), so the part follows the whole schedule.
+    decay_steps: int | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -238,6 +242,7 @@ class TrackingConfig:
     uri: str | None = None  # None: sqlite:///<run.dir>/mlflow.db; or an http(s) tracking server
     experiment: str = "qwen3kd"
     timeout_s: float = 10.0  # an unreachable server costs at most about this, then is skipped
+    parent_run_id: str | None = None  # nest the run under this MLflow run (a pipeline's, e.g. the demo)
 
 
 @dataclass
@@ -278,6 +283,10 @@ class OnPolicyConfig:
     steps: int = 0
     prompts: str | None = None  # JSONL: {"messages": […]} or {"prompt": …, "system": …}, "mode" optional
     think_ratio: float = 0.5  # share of prompts answered in think mode (a line's "mode" wins)
+    # Prompts (rollouts) per step over all data-parallel ranks. None: train.global_batch_size.
+    # With data.pack the rollouts are packed into rows, so more of them fit in the rows the
+    # off-policy phase fills with its packed samples.
+    batch_size: int | None = None
     # Reverse KL (student ‖ teacher) over the full vocabulary: mode-seeking, on the student's own
     # samples (Qwen3 report, after Agarwal et al. 2024, GKD). The teacher scores at T = 1 (its
     # plain distribution), whatever the rollout temperature: that only sets how the student explores.
@@ -293,6 +302,52 @@ class GenerateConfig:
     think_ratio: float = 0.5  # share of prompts answered in think mode (a line's "mode" wins)
     both_modes: bool = False  # answer every prompt in both modes (think_ratio is then unused)
     shard_size: int = 64  # prompts per shard: the unit of resumption, each written atomically
+
+
+@dataclass
+class AccuracyConfig:
+    """`qwen3kd eval`: models answer held-out prompts greedily in each mode, graded against the
+    prompts' reference answers (qwen3kd/rollout/accuracy.py)."""
+
+    prompts: str | None = None  # JSONL prompt lines, each with an "answer"
+    output: str = "${run.dir}/accuracy.json"
+    modes: list[Mode] = field(default_factory=lambda: [Mode.think, Mode.no_think])
+    max_new_tokens: int = 256
+    thinking_budget: int | None = None  # as rollout.thinking_budget; None: think freely
+    tokenizer: str | None = None  # None: the tokenizer files of the first model
+
+
+@dataclass
+class DemoTeacherConfig:
+    """How `qwen3kd demo` trains its toy teacher (cross-entropy on the task's ground truth, both
+    modes); the other training settings are the experiment's train.* ones."""
+
+    steps: int = 1000
+    global_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    decay: LRDecay = LRDecay.cosine
+    warmup_steps: int = 50
+
+
+@dataclass
+class DemoConfig:
+    """`qwen3kd demo` (qwen3kd/demo/pipeline.py): the toy strong-to-weak pipeline. The experiment
+    config describes the distillation (student = model, teacher = teacher.model, kd, onpolicy,
+    rollout, accuracy); these keys describe the toy task and the teacher's own training."""
+
+    cache: str = "runs/demo-cache"  # task assets and trained teachers, reused while their settings match
+    seed: int = 0
+    train_problems: int = 40000  # ground-truth conversations the teacher is trained on
+    prompts: int = 2000  # training-split prompts: answered by the teacher in both modes (off-policy
+    # data) and answered by the student on-policy
+    eval_problems: int = 256  # held out: never in training data or prompts
+    nproc: int = 1  # processes per training stage (torchrun); the layout is parallel.*
+    teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    # The student before distillation. None: random init. A list of teacher layers: the trained
+    # teacher with only those layers kept (depth pruning, as Minitron and DistilBERT initialise
+    # their students); the student preset must then be the teacher's with that many layers.
+    student_layers: list[int] | None = None
 
 
 @dataclass
@@ -320,6 +375,8 @@ class JobConfig:
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # never: start from checkpoint.load (or random init); auto: continue from the newest complete
     # checkpoint under checkpoint.dir if there is one; or the path of one step checkpoint.

@@ -103,9 +103,12 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
         # path exists, packing would let samples attend to each other there.
         raise ConfigError("data.pack=true with Transformer Engine layers is not supported yet: "
                           "set data.pack=false (or train.layer_impl=local)")
-    if t.steps > 0 and cfg.optim.warmup_steps >= t.steps:  # megatron needs warmup < decay steps
+    o = cfg.optim
+    if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} must be > optim.warmup_steps={o.warmup_steps}")
+    if t.steps > 0 and o.warmup_steps >= t.steps and o.decay_steps is None:  # megatron: warmup < decay
         raise ConfigError(
-            f"optim.warmup_steps={cfg.optim.warmup_steps} must be < train.steps={t.steps}"
+            f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps}"
         )
 
 
@@ -165,7 +168,7 @@ def check_rollout(cfg: JobConfig, head_dim: int) -> None:
                           f"{', '.join(map(str, CPU_ENGINE_HEAD_DIMS))}")
 
 
-def _check_phases(cfg: JobConfig) -> None:
+def _check_phases(cfg: JobConfig, dp: int) -> None:
     from qwen3kd.config.schema import Phase
 
     phases = list(cfg.phases)
@@ -185,6 +188,9 @@ def _check_phases(cfg: JobConfig) -> None:
         raise ConfigError(f"onpolicy.prompts: file not found: {o.prompts}")
     if not 0 <= o.think_ratio <= 1:
         raise ConfigError(f"onpolicy.think_ratio must be in [0, 1], got {o.think_ratio}")
+    if o.batch_size is not None and (o.batch_size < 1 or o.batch_size % dp):
+        raise ConfigError(f"onpolicy.batch_size={o.batch_size} must be a positive multiple of the "
+                          f"data-parallel size {dp}")
     if not cfg.data.tokenizer and not cfg.checkpoint.load:
         raise ConfigError("phases: onpolicy renders prompts with the student's tokenizer: set "
                           "data.tokenizer (or checkpoint.load to a folder with tokenizer files)")
@@ -203,5 +209,5 @@ def validate(cfg: JobConfig, world_size: int | None = None):
     _check_train(cfg, layout.dp)
     _check_paths(cfg)
     _check_distillation(cfg, layout)
-    _check_phases(cfg)
+    _check_phases(cfg, layout.dp)
     return layout

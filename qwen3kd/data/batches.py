@@ -134,6 +134,28 @@ class PackedSamples:
         return Row(ids=ids, mask=mask[:-1], segments=segments, modes=modes[:-1])
 
 
+def pack_rows(rows: list[Row], seq: int) -> list[Row]:
+    """Rows of one sample each (e.g. rollouts) packed best-fit decreasing into rows of at most
+    seq + 1 tokens; each sample keeps its mask and modes and attends only to itself."""
+    out = []
+    for group in _best_fit_decreasing(np.arange(len(rows)), rows, seq + 1):
+        parts = [rows[i] for i in group]
+        # A sample's last position would predict the next sample's first token: never learned.
+        mask = np.concatenate([np.append(r.mask, 0.0) for r in parts])[:-1].astype(np.float32)
+        modes = None
+        if parts[0].modes is not None:
+            modes = np.concatenate([np.append(r.modes, 0) for r in parts])[:-1]
+        out.append(Row(ids=np.concatenate([r.ids for r in parts]), mask=mask, modes=modes,
+                       segments=np.concatenate([np.full(len(r.ids), k) for k, r in enumerate(parts)])))
+    return out
+
+
+def empty_row(pad_id: int) -> Row:
+    """A row that learns nothing (fills a micro-batch)."""
+    return Row(ids=np.array([pad_id], dtype=np.int64), mask=np.zeros(0, dtype=np.float32),
+               modes=np.zeros(0, dtype=np.int64))
+
+
 def _best_fit_decreasing(indices: np.ndarray, samples, cap: int) -> list[list[int]]:
     """Rows of sample indices (each row's samples in the order of `indices`)."""
     import bisect

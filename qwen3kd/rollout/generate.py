@@ -331,8 +331,10 @@ class Progress:
 def start_engine(cfg: JobConfig, tok, max_len: int):
     from qwen3kd.rollout.vllm_engine import VllmEngine
 
+    # In this process (no torch.distributed group of ours to protect): vLLM starts ~16 s sooner,
+    # and a killed run leaves no engine process behind.
     return VllmEngine(cfg.teacher.load, tok, cfg.rollout, max_model_len=max_len,
-                      end_of_turn=cfg.data.end_of_turn)
+                      end_of_turn=cfg.data.end_of_turn, in_process=True)
 
 
 def load_teacher_tokenizer(cfg: JobConfig):

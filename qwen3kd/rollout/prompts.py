@@ -1,7 +1,8 @@
 """Prompts for rollouts and data generation: JSONL → conversations → token ids in a given mode.
 
 One line is one prompt: {"messages": [… ending with a user message]} or {"prompt": …, "system": …};
-an optional "mode" ("think" | "no_think") fixes its mode, otherwise the mode is drawn per prompt
+an optional "answer" is the reference answer (`qwen3kd eval` grades against it); an optional
+"mode" ("think" | "no_think") fixes its mode, otherwise the mode is drawn per prompt
 with probability `think_ratio` for think (seeded: the same prompt gets the same mode on every rank
 and after a resume). Rendering uses the tokenizer's own chat template with `enable_thinking` from
 the mode, so a no_think prompt ends with Qwen3's empty think block and the answer follows it.
@@ -25,11 +26,14 @@ class Prompt:
     messages: list[dict]
     mode: Mode | None  # fixed by the line; None: drawn by think_ratio
     line: int  # 1-based line in the file
+    answer: str | None = None  # the reference answer, when the line has one
 
 
-def _parse(obj) -> tuple[list[dict], Mode | None]:
+def _parse(obj) -> tuple[list[dict], Mode | None, str | None]:
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object")
+    if "answer" in obj and not isinstance(obj["answer"], (str, int)):
+        raise ValueError("'answer' must be a string or an integer")
     mode = obj.get("mode")
     if mode is not None and mode not in (m.value for m in Mode):
         raise ValueError(f"mode must be 'think' or 'no_think', got {mode!r}")
@@ -47,7 +51,8 @@ def _parse(obj) -> tuple[list[dict], Mode | None]:
             raise ValueError(f"message {i}: needs a 'role' ({', '.join(ROLES)}) and a string 'content'")
     if msgs[-1]["role"] != "user":
         raise ValueError("the last message must be the user's (the model answers it)")
-    return msgs, Mode(mode) if mode else None
+    answer = obj.get("answer")
+    return msgs, Mode(mode) if mode else None, None if answer is None else str(answer)
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
@@ -60,10 +65,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             if not text.strip():
                 continue
             try:
-                msgs, mode = _parse(json.loads(text))
+                msgs, mode, answer = _parse(json.loads(text))
             except (json.JSONDecodeError, ValueError) as e:
                 raise DataError(f"{path}:{n}: bad prompt: {e}") from None
-            prompts.append(Prompt(msgs, mode, n))
+            prompts.append(Prompt(msgs, mode, n, answer))
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

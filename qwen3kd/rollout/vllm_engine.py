@@ -44,6 +44,21 @@ def _without_launcher_env():
         os.environ.update(saved)
 
 
+@contextmanager
+def _env(**values: str | None):
+    """Set the given variables (None: leave it alone) for the block."""
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class _NoTemplateWarmup(logging.Filter):
     """With `skip_tokenizer_init` (prompts arrive as token ids) vLLM still warms up chat-template
     rendering and logs the failure with a traceback at every start: noise, not an error."""
@@ -102,7 +117,8 @@ class VllmEngine:
     unless `dummy_weights`, when the first `load_weights` brings them)."""
 
     def __init__(self, model_dir: str | Path, tokenizer, cfg: RolloutConfig, max_model_len: int,
-                 end_of_turn: str = "<|im_end|>", dummy_weights: bool = False):
+                 end_of_turn: str = "<|im_end|>", dummy_weights: bool = False,
+                 in_process: bool = False):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         from vllm import LLM
 
@@ -121,12 +137,14 @@ class VllmEngine:
                       # batch's prompts exceed max_num_batched_tokens. Schedule prompts whole.
                       enable_chunked_prefill=False,
                       max_num_batched_tokens=max(4096, max_model_len))
-        # vLLM's engine core stays in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=0 would
-        # start 16 s sooner on 2 cores, but its shutdown destroys this process's default
-        # torch.distributed group, the trainer's: EngineCore.shutdown → cleanup_dist_env_and_memory).
+        # In a trainer, vLLM's engine core stays in a process of its own: in process
+        # (VLLM_ENABLE_V1_MULTIPROCESSING=0) it starts ~16 s sooner on 2 cores, but its shutdown
+        # destroys this process's default torch.distributed group, the trainer's
+        # (EngineCore.shutdown → cleanup_dist_env_and_memory). `in_process` is for commands
+        # without one (qwen3kd eval).
         logging.getLogger("vllm.renderers.base").addFilter(_NO_TEMPLATE_WARMUP)
         before = _engine_pids()
-        with _without_launcher_env():
+        with _without_launcher_env(), _env(VLLM_ENABLE_V1_MULTIPROCESSING="0" if in_process else None):
             try:
                 self.llm = LLM(
                     model=str(model_dir), tokenizer=str(model_dir), skip_tokenizer_init=True,

@@ -76,8 +76,10 @@ def open_tracking(cfg: JobConfig, data, is_rank0: bool, resume_step: int) -> Met
     from qwen3kd.tracking.mlflow_run import MlflowRun
 
     params = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    run = MlflowRun.start(t.uri, t.experiment, run_dir, cfg.run.name, params,
-                          lineage_tags(cfg, data), t.timeout_s)
+    tags = lineage_tags(cfg, data)
+    if t.parent_run_id:
+        tags["mlflow.parentRunId"] = t.parent_run_id  # MLflow's own nesting tag
+    run = MlflowRun.start(t.uri, t.experiment, run_dir, cfg.run.name, params, tags, t.timeout_s)
     config = run_dir / "config.yaml"
     if config.is_file():
         run.log_artifact(config)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from qwen3kd.config.schema import JobConfig, Mode
-from qwen3kd.data.batches import Row, collate
+from qwen3kd.data.batches import Row, collate, empty_row, pack_rows
 from qwen3kd.data.chat import MODES
 from qwen3kd.errors import DataError
 from qwen3kd.faults import armed
@@ -79,6 +79,7 @@ class OnPolicySource:
                       for i in range(min(r.probe_prompts, len(self.prompts)))]
         self.think = (tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>"))
         self.empty_block = tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.engine, self.stale_lp = None, None
         if self.first:
             self.engine = (engine_factory or self._start_engine)()
@@ -115,8 +116,10 @@ class OnPolicySource:
     # ---- rollouts -----------------------------------------------------------------------
     def requests(self, step: int) -> list[Request]:
         """This replica's prompts for `step` (1-based): its slice of the global batch."""
-        c, per = self.cfg, self.cfg.train.global_batch_size // self.dp
-        base = (step - 1 - self.first_step) * c.train.global_batch_size + self.dp_rank * per
+        c = self.cfg
+        batch = c.onpolicy.batch_size or c.train.global_batch_size
+        per = batch // self.dp
+        base = (step - 1 - self.first_step) * batch + self.dp_rank * per
         out = []
         for g in range(base, base + per):
             p = self.prompts[int(self.order[g % len(self.order)])]
@@ -127,7 +130,7 @@ class OnPolicySource:
 
     def batches(self, step: int) -> tuple[list, dict[str, float]]:
         """Micro-batches of this replica's rollouts for `step`, and the rollout metrics."""
-        start, c = time.perf_counter(), self.cfg
+        start = time.perf_counter()
         rollouts = [None]
         if self.first:
             if armed("engine_dead", step):  # the crash drill of the tests (qwen3kd/faults.py)
@@ -139,13 +142,29 @@ class OnPolicySource:
             self.engine.sleep(keep_weights=not self.sync_due(step))
         dist.broadcast_object_list(rollouts, group=self.group, group_src=0)
         rollouts = rollouts[0]
-        t = c.train
-        rows = [rollout_row(r, t.seq_length) for r in rollouts]
-        mbs = [collate(rows[i: i + t.micro_batch_size], t.seq_length)
-               for i in range(0, len(rows), t.micro_batch_size)]
+        mbs = self.micro_batches(rollouts)
         metrics = self._metrics(rollouts)
         metrics["time/rollout"] = time.perf_counter() - start
         return mbs, metrics
+
+    def micro_batches(self, rollouts: list[Rollout]) -> list:
+        """One row per rollout, packed (data.pack) into as few rows as fit: a rollout is usually
+        much shorter than train.seq_length. Every data-parallel rank gets as many micro-batches
+        as the one with most (filled with rows that learn nothing), so that all take the same
+        number of schedule steps."""
+        from megatron.core import parallel_state as ps
+
+        from qwen3kd.trainer.objectives import device
+
+        t, pack = self.cfg.train, self.cfg.data.pack
+        rows = [rollout_row(r, t.seq_length) for r in rollouts]
+        if pack:
+            rows = pack_rows(rows, t.seq_length)
+        n = torch.tensor([-(-len(rows) // t.micro_batch_size)], device=device())
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        rows += [empty_row(self.pad)] * (int(n) * t.micro_batch_size - len(rows))
+        return [collate(rows[i: i + t.micro_batch_size], t.seq_length)
+                for i in range(0, len(rows), t.micro_batch_size)]
 
     def _metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         sums = torch.zeros(len(MODES), len(STATS), dtype=torch.float64)

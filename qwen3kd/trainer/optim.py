@@ -49,7 +49,7 @@ def build_optimizer(model: list[torch.nn.Module], cfg: JobConfig, layout: Parall
     )
     optimizer = get_megatron_optimizer(opt_cfg, model)
     # A 0-step run (e.g. one that only writes initial weights) still needs a valid schedule.
-    steps = max(total_steps(cfg), o.warmup_steps + 1)  # over all phases
+    steps = max(o.decay_steps or total_steps(cfg), o.warmup_steps + 1)  # over all phases
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,

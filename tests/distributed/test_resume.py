@@ -6,6 +6,7 @@ needed for this."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -95,9 +96,14 @@ def test_keep_last_and_resume_of_a_finished_run(tmp_path):
     qwen3kd("train", *args)
     ckpts = tmp_path / "run" / "checkpoints"
     assert [s for s, _ in complete_checkpoints(ckpts)] == [4]
-    # Extending the run: the schedule comes from the config, the position from the checkpoint.
-    qwen3kd("train", *args, "train.steps=6", "resume=auto")
-    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    # Extending and re-tuning the run: the schedule (length and rates) comes from the config, the
+    # position from the checkpoint (whose optimizer state also holds the old rates).
+    qwen3kd("train", *args, "train.steps=6", "resume=auto", "optim.lr=2e-3", "optim.min_lr=2e-4")
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    for m in metrics[4:]:  # megatron's cosine after 1 warmup step, decaying until step 6
+        progress = (m["step"] - 1 - 1) / (6 - 1)
+        assert m["train/lr"] == pytest.approx(2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * progress)))
     assert [s for s, _ in complete_checkpoints(ckpts)] == [6]
     assert (ckpts / "step_0000006" / "hf" / "config.json").read_bytes() == (hf / "config.json").read_bytes()
 

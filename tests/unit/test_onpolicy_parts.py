@@ -72,7 +72,7 @@ def _trainer(calls, sync_interval, monkeypatch, toy_assets):
     src = OnPolicySource.__new__(OnPolicySource)
     src.cfg, src.first, src.first_step, src.dp, src.dp_rank = cfg, True, 2, 1, 0
     src.engine, src.model, src.group, src.tolerance, src.stale_lp = RecordingEngine(calls), [], None, 1e-3, None
-    src.probe, src.think, src.empty_block = [[1, 2, 3]], (318, 319), [318, 258, 319, 258]
+    src.probe, src.think, src.empty_block, src.pad = [[1, 2, 3]], (318, 319), [318, 258, 319, 258], 0
     src.requests = lambda step: [Request([1, 2, 3], Mode.think, 0), Request([1, 2, 4], Mode.no_think, 1)]
 
     def probe_forward():
@@ -112,7 +112,8 @@ def test_colocated_call_order_around_a_step(megatron_world, monkeypatch, toy_ass
         "engine.wake_up(kv_cache)", "engine.generate", "engine.prompt_logprobs",
         "engine.sleep(keep_weights=False)",
         # the trainer's step, teacher on the device only around its forwards
-        "teacher.onload", "trainer.forward_backward(2 micro-batches)", "teacher.end_step",
+        # (the two 6-token rollouts packed into one row: one micro-batch)
+        "teacher.onload", "trainer.forward_backward(1 micro-batches)", "teacher.end_step",
         "trainer.optimizer_step", "teacher.offload",
         # the weight sync: the gather streams into the push, then the probe on both sides
         "engine.wake_up(weights)", "trainer.gather_weights", "engine.load_weights(1 tensors)",
@@ -148,6 +149,45 @@ def test_rollout_row_learns_sampled_response_tokens_only():
     # Position t predicts token t + 1: the first answer token at position 2; the forced 11 not.
     assert row.mask.tolist() == [0, 0, 1, 0, 1, 1]
     assert set(row.modes.tolist()) == {1}
+
+
+def test_packed_rollouts_learn_the_same_labels_and_stay_apart():
+    from qwen3kd.data.batches import collate, pack_rows
+    from qwen3kd.trainer.onpolicy import rollout_row
+
+    rng = np.random.default_rng(0)
+    rollouts = []
+    for i in range(9):
+        p, n = int(rng.integers(3, 12)), int(rng.integers(1, 20))
+        resp = [int(x) for x in rng.integers(10, 300, n)]
+        sampled = [bool(x) for x in rng.random(n) < 0.8]
+        rollouts.append(Rollout(list(range(1, p + 1)), resp, [0.0] * n, sampled, "stop",
+                                Mode.think if i % 2 else Mode.no_think))
+    seq = 40
+    rows = [rollout_row(r, seq) for r in rollouts]
+    packed = pack_rows(rows, seq)
+    assert len(packed) < len(rows) and all(len(r.ids) <= seq + 1 for r in packed)
+
+    def learned(mbs):  # (label, mode) of every learned position
+        out = []
+        for mb in mbs:
+            m = mb.loss_mask.bool()
+            out += list(zip(mb.labels[m].tolist(), mb.modes[m].tolist(), strict=True))
+        return sorted(out)
+
+    plain = [collate([r], seq) for r in rows]
+    mbs = [collate([r], seq) for r in packed]
+    assert learned(mbs) == learned(plain) and len(learned(plain)) == sum(sum(r.sampled) for r in rollouts)
+    for mb, row in zip(mbs, packed, strict=True):
+        blocked = mb.attention_mask()
+        seg = mb.segments[0]
+        n = len(row.ids) - 1
+        if blocked is None:
+            continue
+        same = (seg[:n, None] == seg[None, :n]) & torch.ones(n, n, dtype=torch.bool).tril()
+        assert torch.equal(~blocked[0, 0, :n, :n], same)  # causal, inside its own rollout only
+        starts = np.flatnonzero(np.diff(seg[:n].numpy(), prepend=-1))
+        assert (mb.position_ids[0, starts] == 0).all()
 
 
 def test_mode_compliance(toy_assets):

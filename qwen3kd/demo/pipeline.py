@@ -1,0 +1,439 @@
+"""`qwen3kd demo CONFIG`: the whole Qwen3 strong-to-weak recipe, tiny, on a CPU.
+
+Every stage is a real qwen3kd command run in a child process, with its full config written next
+to its outputs (`<run.dir>/<stage>/stage.yaml`, rerunnable by hand) and its log beside it:
+
+  assets     the toy task (qwen3kd/demo/task.py): train / held-out problems, a byte-level BPE
+             tokenizer with Qwen3's chat template                                         cached
+  teacher    `qwen3kd train`: the teacher learns the task from ground truth in both modes,
+             exported to a Hugging Face folder with `qwen3kd convert`                     cached
+  student    the student's random initialisation (the "before distillation" row)
+  generate   `qwen3kd generate`: the teacher answers the training prompts in both modes
+  offpolicy  `qwen3kd train`: KD on the teacher's answers (CE + KL to the teacher's logits)
+  onpolicy   `qwen3kd train`, resumed from offpolicy's last step: the student answers in vLLM,
+             the teacher scores those tokens, reverse KL (`onpolicy.steps` steps)
+  control    `qwen3kd train`, resumed from the same step: as many more off-policy steps
+  eval       `qwen3kd eval`: every model answers the held-out problems greedily in both modes
+
+The cache (`demo.cache`) is keyed by a hash of what decides its content, so a second demo with
+the same settings skips the teacher. Tracking: one MLflow parent run for the demo, a nested run
+per training phase (and for the untrained student), each holding its accuracy metrics;
+`<run.dir>/summary.json` holds the table (keys documented in the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from qwen3kd.config.schema import JobConfig
+from qwen3kd.errors import ConfigError
+from qwen3kd.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+# Bump when the task's text or the teacher's recipe changes what a cached entry holds.
+CACHE_VERSION = 1
+DONE = "DONE"  # written last into a complete cache entry
+MODELS = ("teacher", "student-before", "offpolicy", "onpolicy", "control")
+
+
+class StageError(RuntimeError):
+    """A stage's command failed; the message names the stage and its log."""
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Demo:
+    def __init__(self, cfg: JobConfig, config_path: Path):
+        if cfg.teacher is None:
+            raise ConfigError("demo: the experiment config needs a teacher (teacher.model)")
+        if not cfg.onpolicy.steps:
+            raise ConfigError("demo: onpolicy.steps must be > 0 (the on-policy phase and its control arm)")
+        _check_student_layers(cfg)
+        self.cfg, self.config_path = cfg, config_path
+        self.base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.root = Path(cfg.run.dir).resolve()
+        self.cache = Path(cfg.demo.cache).resolve()
+        self.times: dict[str, float] = {}
+        self.run_ids: dict[str, str] = {}
+
+    # ---- running commands ---------------------------------------------------------------
+    def _run(self, stage: str, args: list[str], nproc: int = 1, cwd: Path | None = None) -> None:
+        """`qwen3kd ARGS` in a child process (under torchrun when nproc > 1), logged to
+        <stage dir>/log.txt; a failure is a StageError with the log's last lines."""
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "-m", "qwen3kd.cli", *args]
+        else:
+            cmd = [sys.executable, "-m", "qwen3kd.cli", *args]
+        logfile = (cwd or self.root / stage) / "log.txt"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+        with open(logfile, "w") as f:
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if done.returncode:
+            tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
+            raise StageError(f"demo stage {stage} failed (exit {done.returncode}); its log is "
+                             f"{logfile}:\n" + "\n".join(tail))
+
+    def _stage_config(self, stage: str, d: dict, run_dir: Path) -> Path:
+        d["run"] = {"name": stage, "dir": str(run_dir)}
+        d["tracking"]["parent_run_id"] = self.parent_id
+        d["tracking"]["uri"] = self.tracking_uri
+        d["tracking"]["enabled"] = self.parent_id is not None
+        # What the experiment derives from run.dir, derived again from the stage's own.
+        d["checkpoint"]["dir"] = str(run_dir / "checkpoints")
+        d["generate"]["output"] = str(run_dir / "generated.jsonl")
+        d["accuracy"]["output"] = str(run_dir / "accuracy.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "stage.yaml"
+        write_text_atomic(path, f"# qwen3kd demo stage '{stage}', from {self.config_path}\n"
+                          + yaml.safe_dump(d, sort_keys=False))
+        return path
+
+    def _timed(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.times[stage] = round(time.perf_counter() - start, 1)
+        log.info("demo: %s done in %.0f s", stage, self.times[stage])
+        return out
+
+    # ---- stages -------------------------------------------------------------------------
+    def assets(self) -> Path:
+        from qwen3kd.data.toy_tokenizer import build_toy_tokenizer, default_corpus
+        from qwen3kd.demo import task
+
+        d = self.cfg.demo
+        spec = {"version": CACHE_VERSION, "seed": d.seed, "train": d.train_problems,
+                "prompts": d.prompts, "eval": d.eval_problems, "vocab": self.cfg.model.vocab_size}
+        out = self.cache / f"assets-{_key(spec)}"
+        if (out / DONE).is_file():
+            log.info("demo: assets from the cache (%s)", out)
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        train, held_out = task.split_problems(d.train_problems + d.prompts, d.eval_problems, d.seed)
+        truth, prompts = train[: d.train_problems], train[d.train_problems:]
+        build_toy_tokenizer(out / "tokenizer", corpus=task.corpus(train[:3000]) + task.chat_corpus(train[:500])
+                            + default_corpus(), vocab_size=min(376, self.cfg.model.vocab_size))
+        task.write_jsonl(out / "truth.jsonl", [task.conversation(p, "think" if i % 2 == 0 else "no_think")
+                                               for i, p in enumerate(truth)])
+        task.write_jsonl(out / "prompts.jsonl", [task.prompt_line(p) for p in prompts])
+        task.write_jsonl(out / "eval.jsonl", [task.prompt_line(p) for p in held_out])
+        write_text_atomic(out / "spec.json", json.dumps(spec, indent=1) + "\n")
+        write_text_atomic(out / DONE, "")
+        return out
+
+    def teacher_entry(self, assets: Path) -> Path:
+        """The teacher's cache entry: named by a hash of everything that decides its weights."""
+        t = self.base
+        spec = {"version": CACHE_VERSION, "assets": assets.name, "model": t["teacher"]["model"],
+                "recipe": t["demo"]["teacher"], "train": {k: t["train"][k] for k in (
+                    "seq_length", "micro_batch_size", "seed", "precision")},
+                "nproc": self.cfg.demo.nproc, "parallel": t["parallel"], "optim": t["optim"]}
+        return self.cache / f"teacher-{_key(spec)}"
+
+    def teacher(self, assets: Path) -> Path:
+        """The trained teacher's Hugging Face folder (from the cache when it is there)."""
+        out = self.teacher_entry(assets)
+        hf = out / "hf"
+        if (out / DONE).is_file():
+            log.info("demo: teacher from the cache (%s)", out)
+            self.teacher_cached = True
+            return hf
+        self.teacher_cached = False
+        shutil.rmtree(out, ignore_errors=True)
+        d, r = deepcopy(self.base), self.cfg.demo.teacher
+        d["model"], d["teacher"], d["phases"], d["resume"] = d["teacher"]["model"], None, ["offpolicy"], "never"
+        d["data"].update(kind="chat", path=str(assets / "truth.jsonl"), eval_path=None,
+                         tokenizer=str(assets / "tokenizer"))
+        d["train"].update(steps=r.steps, global_batch_size=r.global_batch_size)
+        d["optim"].update(lr=r.lr, min_lr=r.min_lr, decay=r.decay.value, warmup_steps=r.warmup_steps)
+        d["eval"]["interval"] = 0
+        d["checkpoint"].update(load=None, interval=0, save_final=True, keep_last=1)
+        stage = self._stage_config("teacher", d, out)
+        self._run("teacher", ["train", str(stage)], self.cfg.demo.nproc, cwd=out)
+        self.run_ids["teacher"] = _run_id(out)
+        ckpt = _last_checkpoint(out / "checkpoints")
+        self._run("teacher", ["convert", str(ckpt), str(hf), "--to", "hf"], cwd=out / "export")
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(assets / "tokenizer").save_pretrained(hf)
+        write_text_atomic(out / DONE, "")
+        return hf
+
+    def student(self, assets: Path, teacher: Path) -> Path:
+        """The student before distillation: random, or the teacher with only some layers."""
+        out = self.root / "student-before"
+        keep = self.cfg.demo.student_layers
+        if keep is None:
+            from qwen3kd.toy import random_qwen3, save_hf
+
+            return save_hf(random_qwen3(self.cfg.model, self.cfg.train.seed), out, assets / "tokenizer")
+        return depth_pruned(teacher, out, list(keep))
+
+    def generate(self, assets: Path, teacher: Path) -> Path:
+        d = deepcopy(self.base)
+        d["teacher"]["load"] = str(teacher)
+        d["generate"].update(prompts=str(assets / "prompts.jsonl"), both_modes=True)
+        run_dir = self.root / "generate"
+        stage = self._stage_config("generate", d, run_dir)
+        self._run("generate", ["generate", str(stage)])
+        return run_dir / "generated.jsonl"
+
+    def _distill(self, name: str, assets: Path, teacher: Path, data: Path, **changes) -> Path:
+        d = deepcopy(self.base)
+        d["teacher"]["load"] = str(teacher)
+        d["data"].update(kind="chat", path=str(data), tokenizer=str(assets / "tokenizer"))
+        d["onpolicy"]["prompts"] = str(assets / "prompts.jsonl")
+        d["checkpoint"].update(interval=0, save_final=True, keep_last=1)
+        # One LR schedule over off-policy + either arm: the arms continue the off-policy run's.
+        if d["optim"]["decay_steps"] is None:
+            d["optim"]["decay_steps"] = self.cfg.train.steps + self.cfg.onpolicy.steps
+        for key, value in changes.items():
+            section, _, field = key.partition(".")
+            if field:
+                d[section][field] = value
+            else:
+                d[section] = value
+        run_dir = self.root / name
+        stage = self._stage_config(name, d, run_dir)
+        self._run(name, ["train", str(stage)], self.cfg.demo.nproc)
+        self.run_ids[name] = _run_id(run_dir)
+        return _last_checkpoint(run_dir / "checkpoints")
+
+    def offpolicy(self, assets, teacher, student, data) -> Path:
+        return self._distill("offpolicy", assets, teacher, data, phases=["offpolicy"],
+                             **{"checkpoint.load": str(student), "resume": "never"})
+
+    def onpolicy(self, assets, teacher, data, start: Path) -> Path:
+        return self._distill("onpolicy", assets, teacher, data, phases=["offpolicy", "onpolicy"],
+                             resume=str(start))
+
+    def control(self, assets, teacher, data, start: Path) -> Path:
+        steps = self.cfg.train.steps + self.cfg.onpolicy.steps
+        return self._distill("control", assets, teacher, data, phases=["offpolicy"],
+                             resume=str(start), **{"train.steps": steps})
+
+    def evaluate(self, assets: Path, models: dict[str, Path]) -> dict:
+        d = deepcopy(self.base)
+        d["accuracy"].update(prompts=str(assets / "eval.jsonl"), tokenizer=str(assets / "tokenizer"))
+        run_dir = self.root / "eval"
+        stage = self._stage_config("eval", d, run_dir)
+        self._run("eval", ["eval", str(stage), *[f"--model={n}={p}" for n, p in models.items()]])
+        return json.loads((run_dir / "accuracy.json").read_text())
+
+    # ---- the whole demo -----------------------------------------------------------------
+    def run(self) -> dict:
+        shutil.rmtree(self.root, ignore_errors=True)  # a demo starts afresh (the cache stays)
+        self.root.mkdir(parents=True)
+        self.tracking_uri, self.parent_id, self.tracker = self._open_parent()
+        start = time.perf_counter()
+        try:
+            assets = self._timed("assets", self.assets)
+            teacher = self._timed("teacher", self.teacher, assets)
+            student = self._timed("student", self.student, assets, teacher)
+            data = self._timed("generate", self.generate, assets, teacher)
+            offpolicy = self._timed("offpolicy", self.offpolicy, assets, teacher, student, data)
+            onpolicy = self._timed("onpolicy", self.onpolicy, assets, teacher, data, offpolicy)
+            control = self._timed("control", self.control, assets, teacher, data, offpolicy)
+            models = dict(zip(MODELS, (teacher, student, offpolicy, onpolicy, control), strict=True))
+            results = self._timed("eval", self.evaluate, assets, models)
+        except BaseException:
+            self._close_parent("FAILED")
+            raise
+        self.times["total"] = round(time.perf_counter() - start, 1)
+        summary = self.summary(results, models)
+        write_text_atomic(self.root / "summary.json", json.dumps(summary, indent=1) + "\n")
+        self._track(summary)
+        self._close_parent("FINISHED")
+        return summary
+
+    def summary(self, results: dict, models: dict[str, Path]) -> dict:
+        acc = {m: {mode: results[m][mode]["accuracy"] for mode in ("think", "no_think")} for m in MODELS}
+        comp = [results["onpolicy"][mode]["compliance"] for mode in ("think", "no_think")]
+        return {
+            "models": results,
+            "paths": {m: str(p) for m, p in models.items()},
+            "steps": {"teacher": self.cfg.demo.teacher.steps, "offpolicy": self.cfg.train.steps,
+                      "onpolicy": self.cfg.onpolicy.steps, "control": self.cfg.onpolicy.steps},
+            "claims": {
+                "onpolicy_beats_control": {mode: acc["onpolicy"][mode] > acc["control"][mode]
+                                           for mode in ("think", "no_think")},
+                "onpolicy_vs_control_paired": self.paired("onpolicy", "control"),
+                "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode]
+                                            for mode in ("think", "no_think")},
+                "onpolicy_compliance_at_least_99pct": min(comp) >= 0.99,
+            },
+            "teacher_cached": self.teacher_cached,
+            "seconds": self.times,
+            "mlflow": {"uri": self.tracking_uri, "experiment": self.cfg.tracking.experiment,
+                       "parent_run_id": self.parent_id, "runs": self.run_ids},
+            "config": str(self.config_path),
+        }
+
+    def paired(self, a: str, b: str) -> dict:
+        """Per mode, the held-out problems only `a` solves and only `b` solves, and McNemar's z
+        ((a_only − b_only) / √(a_only + b_only)): |z| > 1.96 is a difference at the 5 % level,
+        smaller is within what another seed could turn around."""
+        samples = self.root / "eval" / "accuracy.samples"
+        right = {m: {(r["prompt_line"], r["mode"]): r["correct"] for r in map(
+            json.loads, (samples / f"{m}.jsonl").read_text().splitlines())} for m in (a, b)}
+        out = {}
+        for mode in ("think", "no_think"):
+            keys = [k for k in right[a] if k[1] == mode]
+            only_a = sum(right[a][k] and not right[b][k] for k in keys)
+            only_b = sum(right[b][k] and not right[a][k] for k in keys)
+            z = (only_a - only_b) / (only_a + only_b) ** 0.5 if only_a + only_b else 0.0
+            out[mode] = {f"{a}_only": only_a, f"{b}_only": only_b, "z": round(z, 2)}
+        return out
+
+    # ---- MLflow -------------------------------------------------------------------------
+    def _open_parent(self):
+        t = self.cfg.tracking
+        if not t.enabled:
+            return None, None, None
+        from qwen3kd.tracking.mlflow_run import MlflowRun
+
+        params = {"config": str(self.config_path), "demo.cache": str(self.cache)}
+        run = MlflowRun.start(t.uri, t.experiment, self.root, self.cfg.run.name, params,
+                              {"qwen3kd.demo": "parent"}, t.timeout_s)
+        return run.uri, run.run_id if run.active else None, run
+
+    def _track(self, summary: dict) -> None:
+        """Accuracy metrics on each model's run (a nested run of its own for the untrained
+        student; one for a cached teacher, pointing at the cache), the summary on the parent."""
+        if self.tracker is None or not self.tracker.active:
+            return
+        from qwen3kd.tracking.mlflow_run import MlflowRun
+
+        for m in MODELS:
+            metrics = {f"{k}/{mode}": v[k] for mode, v in summary["models"][m].items()
+                       if mode != "all" for k in ("accuracy", "compliance", "think_tokens", "response_tokens")}
+            if m in self.run_ids:
+                run = MlflowRun.start(self.tracking_uri, self.cfg.tracking.experiment, self.root / m
+                                      if m != "teacher" else Path(summary["paths"]["teacher"]).parent,
+                                      m, {}, {}, self.cfg.tracking.timeout_s)
+            else:
+                folder = self.root / f"{m}-run"
+                run = MlflowRun.start(self.tracking_uri, self.cfg.tracking.experiment, folder, m, {},
+                                      {"mlflow.parentRunId": self.parent_id, "qwen3kd.model": summary["paths"][m]},
+                                      self.cfg.tracking.timeout_s)
+                self.run_ids[m] = run.run_id
+            run.log_metrics(metrics, step=0)
+            run.close()
+            self.tracker.log_metrics({f"{m}/{k}": v for k, v in metrics.items()}, step=0)
+        summary["mlflow"]["runs"] = self.run_ids
+        write_text_atomic(self.root / "summary.json", json.dumps(summary, indent=1) + "\n")
+        self.tracker.log_artifact(self.root / "summary.json")
+        self.tracker.log_artifact(self.root / "eval" / "accuracy.samples", "samples")
+
+    def _close_parent(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.close(status)
+
+
+def _check_student_layers(cfg: JobConfig) -> None:
+    """demo.student_layers: valid teacher layers, and a student preset that is the teacher with
+    that many layers (what depth pruning makes)."""
+    keep, t, m = cfg.demo.student_layers, cfg.teacher.model, cfg.model
+    if keep is None:
+        return
+    n = t.num_hidden_layers
+    if not keep or sorted(set(keep)) != list(keep) or not all(0 <= i < n for i in keep):
+        raise ConfigError(f"demo.student_layers={list(keep)}: increasing teacher layer indices in 0..{n - 1}")
+    differ = [f for f in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                          "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps",
+                          "num_experts") if getattr(m, f) != getattr(t, f)]
+    if m.num_hidden_layers != len(keep):
+        differ.append(f"num_hidden_layers (student {m.num_hidden_layers}, {len(keep)} layers kept)")
+    if differ:
+        raise ConfigError(f"demo.student_layers: the student (model.*) must be the teacher "
+                          f"(teacher.model.*) with {len(keep)} layers; it differs in {', '.join(differ)}")
+
+
+def depth_pruned(src: Path, dst: Path, keep: list[int]) -> Path:
+    """A Hugging Face Qwen3 folder with only the layers `keep` of `src` (renumbered 0..k−1), its
+    embedding, final norm and output layer, and the other files of the folder."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    weights = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            if name.startswith("model.layers."):
+                i = int(name.split(".")[2])
+                if i not in keep:
+                    continue
+                name = name.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)
+            weights[name] = t
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = len(keep)
+    if isinstance(config.get("layer_types"), list):  # per-layer attention kinds (transformers 5)
+        config["layer_types"] = [config["layer_types"][i] for i in keep]
+    write_text_atomic(dst / "config.json", json.dumps(config, indent=2) + "\n")
+    return dst
+
+
+def _run_id(run_dir: Path) -> str | None:
+    f = run_dir / "mlflow_run_id"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def _last_checkpoint(root: Path) -> Path:
+    from qwen3kd.checkpoint import training
+
+    found = training.latest(root)
+    if found is None:
+        raise StageError(f"no checkpoint under {root}")
+    return found
+
+
+def verdict(summary: dict) -> str:
+    """The claims, in words, under the table."""
+    c, lines = summary["claims"], []
+    for mode, p in c["onpolicy_vs_control_paired"].items():
+        lines.append(f"{mode}: on-policy − control = "
+                     f"{summary['models']['onpolicy'][mode]['accuracy'] - summary['models']['control'][mode]['accuracy']:+.1%}"
+                     f" (problems only on-policy solves: {p['onpolicy_only']}, only control: "
+                     f"{p['control_only']}; McNemar z = {p['z']:+.2f}); gap to the teacher "
+                     f"{c['onpolicy_gap_to_teacher'][mode]:.1%}")
+    lines.append("on-policy mode compliance ≥ 99 % in both modes: "
+                 + ("yes" if c["onpolicy_compliance_at_least_99pct"] else "no"))
+    return "\n".join(lines) + "\n"
+
+
+def table(summary: dict) -> str:
+    """The demo's result table (markdown)."""
+    head = ("model", "accuracy think", "accuracy no_think", "compliance think",
+            "compliance no_think", "thinking tokens (think)", "thinking tokens (no_think)")
+    steps = summary["steps"]
+    label = {"teacher": f"teacher ({steps['teacher']} steps on ground truth)",
+             "student-before": "student before distillation",
+             "offpolicy": f"student after off-policy ({steps['offpolicy']} steps)",
+             "onpolicy": f"student after on-policy (+{steps['onpolicy']} steps)",
+             "control": f"control: off-policy (+{steps['control']} steps)"}
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in MODELS:
+        r = summary["models"][m]
+        lines.append(f"| {label[m]} | {r['think']['accuracy']:.1%} | {r['no_think']['accuracy']:.1%} | "
+                     f"{r['think']['compliance']:.1%} | {r['no_think']['compliance']:.1%} | "
+                     f"{r['think']['think_tokens']:.1f} | {r['no_think']['think_tokens']:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+"""`qwen3kd eval`: models answer held-out prompts in each mode; graded against reference answers.
+
+    qwen3kd eval CONFIG --model NAME=PATH [--model NAME=PATH …] [key=value …]
+
+PATH is a Hugging Face folder or a Megatron checkpoint (a `qwen3kd convert` output or a training
+checkpoint, exported to a Hugging Face folder under `<run.dir>/eval_models/NAME` first: vLLM runs
+Hugging Face folders). The prompts (`accuracy.prompts`) are JSONL prompt lines with an "answer";
+each is answered greedily in every mode of `accuracy.modes` (a line's own "mode" wins), with
+`rollout.*` settings except temperature 0 and `accuracy.max_new_tokens`.
+
+Per model and mode: `accuracy` (exact match of the last integer of the answer, the thinking
+excluded, against the reference), `compliance` (the answer has the shape the mode asks for, as
+`rollout/mode_compliance` in training), `think_tokens` (mean tokens inside `<think>…</think>`),
+`response_tokens` (mean), `truncated` (share stopped by max_new_tokens). Written atomically to
+`accuracy.output` as JSON, with every answer in `<output stem>.samples/NAME.jsonl`.
+
+Models of one architecture share one engine: the first starts it, the next ones are pushed into
+it (`load_weights`), which is much cheaper than a new vLLM start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from qwen3kd.config.schema import JobConfig, Mode
+from qwen3kd.errors import ConfigError
+from qwen3kd.files import write_text_atomic
+from qwen3kd.rollout.engine import Request, Rollout
+from qwen3kd.rollout.prompts import Prompt, load_prompts, render_prompt
+
+log = logging.getLogger(__name__)
+
+_INT = re.compile(r"-?\d+")
+# config.json fields that do not change what the model computes.
+_NOT_ARCHITECTURE = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"}
+
+
+def final_answer(answer_text: str) -> str | None:
+    """The last integer of the answer text (the thinking excluded); None when it has none."""
+    found = _INT.findall(answer_text)
+    return found[-1] if found else None
+
+
+def answer_text(tok, r: Rollout, think_close: int) -> str:
+    """The answer after the thinking, end-of-turn and special tokens dropped."""
+    ids = r.response_ids
+    if think_close in ids:
+        ids = ids[len(ids) - ids[::-1].index(think_close):]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def think_tokens(r: Rollout, think: tuple[int, int]) -> int:
+    """Tokens between the answer's `<think>` and `</think>` (to its end when unclosed)."""
+    ids, (open_id, close_id) = r.response_ids, think
+    if open_id not in ids:
+        return 0
+    start = ids.index(open_id) + 1
+    end = ids.index(close_id, start) if close_id in ids[start:] else len(ids)
+    return end - start
+
+
+def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout]) -> tuple[dict, list[dict]]:
+    """Metrics per mode (and overall) and one record per answer."""
+    from qwen3kd.trainer.onpolicy import compliant
+
+    think = (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
+    empty_block = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    records, sums = [], {}
+    for (p, mode), r in zip(prompts, rollouts, strict=True):
+        text = answer_text(tok, r, think[1])
+        got = final_answer(text)
+        rec = {"prompt_line": p.line, "mode": mode.value, "reference": p.answer, "answer": got,
+               "correct": got == p.answer, "compliant": compliant(r, think, empty_block),
+               "think_tokens": think_tokens(r, think), "response_tokens": len(r.response_ids),
+               "truncated": r.finish_reason == "length",
+               "response": tok.decode(r.response_ids, skip_special_tokens=False)}
+        records.append(rec)
+        for key in (mode.value, "all"):
+            s = sums.setdefault(key, {"n": 0, "correct": 0, "compliant": 0, "think_tokens": 0,
+                                      "response_tokens": 0, "truncated": 0})
+            s["n"] += 1
+            for k in ("correct", "compliant", "think_tokens", "response_tokens", "truncated"):
+                s[k] += rec[k]
+    metrics = {}
+    for key, s in sums.items():
+        n = s["n"]
+        metrics[key] = {"n": n, "accuracy": s["correct"] / n, "compliance": s["compliant"] / n,
+                        "think_tokens": s["think_tokens"] / n,
+                        "response_tokens": s["response_tokens"] / n, "truncated": s["truncated"] / n}
+    return metrics, records
+
+
+# ---- models ---------------------------------------------------------------------------------
+def as_hf_folders(models: dict[str, Path], work: Path) -> dict[str, Path]:
+    """A Hugging Face folder per model: the path itself, or its export from a Megatron checkpoint
+    (`qwen3kd convert` in child processes, side by side: converting sets up torch.distributed and
+    megatron's CPU patches in the process that runs it, which the engine here must not inherit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    folders, jobs = {}, {}
+    for name, path in models.items():
+        if (path / "config.json").is_file():
+            folders[name] = path
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"--model {name}={path}: no such directory")
+        out = folders[name] = work / name
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "qwen3kd.cli", "convert", str(path), str(out), "--to", "hf"]
+        jobs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for name, job in jobs.items():
+        _, err = job.communicate()
+        if job.returncode:
+            raise ConfigError(f"--model {name}={models[name]}: export to Hugging Face failed: "
+                              f"{(err.strip().splitlines() or ['?'])[-1]}")
+    return folders
+
+
+def architecture(folder: Path) -> str:
+    cfg = json.loads((folder / "config.json").read_text())
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in _NOT_ARCHITECTURE})
+
+
+def safetensors_weights(folder: Path):
+    from safetensors.torch import load_file
+
+    for f in sorted(folder.glob("*.safetensors")):
+        yield from load_file(f).items()
+
+
+# ---- the command ----------------------------------------------------------------------------
+def check_accuracy(cfg: JobConfig) -> list[Prompt]:
+    a = cfg.accuracy
+    if not a.prompts:
+        raise ConfigError("accuracy.prompts is not set (JSONL prompts with an 'answer')")
+    prompts = load_prompts(a.prompts)
+    missing = [p.line for p in prompts if p.answer is None]
+    if missing:
+        raise ConfigError(f"accuracy.prompts: {a.prompts}:{missing[0]}: no 'answer' "
+                          f"({len(missing)} lines without one)")
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"accuracy.max_new_tokens must be >= 1, got {a.max_new_tokens}")
+    return prompts
+
+
+def run_eval(cfg: JobConfig, models: dict[str, Path], engine_factory=None) -> dict:
+    """Evaluate every model; returns {name: {mode: metrics}} (also written to accuracy.output)."""
+    from qwen3kd.data.chat import load_tokenizer
+    from qwen3kd.rollout.vllm_engine import VllmEngine
+
+    prompts = check_accuracy(cfg)
+    if not models:
+        raise ConfigError("qwen3kd eval: no --model NAME=PATH given")
+    a, work = cfg.accuracy, Path(cfg.run.dir) / "eval_models"
+    folders = as_hf_folders({name: Path(p) for name, p in models.items()}, work)
+    tok_dir = Path(a.tokenizer) if a.tokenizer else next(iter(folders.values()))
+    tok = load_tokenizer(tok_dir)
+    from omegaconf import OmegaConf
+
+    rcfg = replace(OmegaConf.to_object(cfg.rollout), temperature=0.0, top_p=1.0, top_k=0, thinking_budget=a.thinking_budget,
+                   max_new_tokens=a.max_new_tokens)
+    asked = [(p, m) for p in prompts for m in ([p.mode] if p.mode else list(a.modes))]
+    requests = [Request(render_prompt(tok, p.messages, m), m, seed=i) for i, (p, m) in enumerate(asked)]
+    max_len = max(len(r.prompt_ids) for r in requests) + a.max_new_tokens
+    out = Path(a.output)
+    results, samples = {}, out.with_name(out.stem + ".samples")
+    groups: dict[str, list[str]] = {}
+    for name, folder in folders.items():
+        groups.setdefault(architecture(folder), []).append(name)
+    for names in groups.values():
+        make = engine_factory or (lambda f: VllmEngine(f, tok, rcfg, max_len, cfg.data.end_of_turn,
+                                                       in_process=True))
+        engine = make(folders[names[0]])
+        try:
+            for k, name in enumerate(names):
+                if k:
+                    engine.load_weights(safetensors_weights(folders[name]))
+                metrics, records = grade(tok, asked, engine.generate(requests))
+                results[name] = metrics
+                samples.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(samples / f"{name}.jsonl",
+                                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                log.info("%s: %s", name, "; ".join(
+                    f"{m}: accuracy {v['accuracy']:.3f}, compliance {v['compliance']:.3f}, "
+                    f"thinking {v['think_tokens']:.1f} tokens" for m, v in metrics.items() if m != "all"))
+        finally:
+            engine.close()
+    results = {name: results[name] for name in models}  # the order given
+    write_text_atomic(out, json.dumps(results, indent=1) + "\n")
+    log.info("wrote %s", out)
+    return results

