@@ -83,7 +83,8 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
                 "--out", str(out))
     table = (out / "runs.md").read_text()
     assert c.stdout == table
-    for name in ("demo", *MODELS):
+    # The parent run is named after run.name; the nested runs after the models.
+    for name in (load_config(CONFIG, overrides).run.name, *MODELS):
         assert f"| {name} |" in table, name
     for png in ("kl_by_mode.png", "accuracy.png"):
         assert matplotlib.image.imread(out / png).std() > 0
