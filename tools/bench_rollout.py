@@ -15,9 +15,11 @@ mode, half in no_think mode, by our chat code (`render_prompt`).
 
 `vllm` runs on the very `vllm.LLM` our engine built (`engine.llm`), so both get identical engine
 settings. Throughput = generated tokens (the sum of response lengths, as returned) / wall seconds
-of the generate call, after one small warm-up call per path; `--repeats` timed rounds, the order
-of the paths reversed every other round, vLLM's prefix cache reset before each vLLM call; each
-path's best round is reported (every timing is in the JSON). Without `--model` the model is a
+of the generate call, after one small warm-up call per path; `--vllm-repeats` timed rounds of
+the two vLLM paths (`--repeats` of them with transformers too), the order of the paths reversed
+every other round, vLLM's prefix cache reset before each vLLM call; each path's best round is
+reported, and the median over rounds of engine / raw vLLM within a round (every timing is in the
+JSON). Without `--model` the model is a
 random tiny Qwen3 on the toy tokenizer, built in a temporary folder (nothing is downloaded).
 When the engine is under 0.9× raw vLLM (or with `--ablate always`), raw vLLM is also timed with
 the engine's extra SamplingParams (per-request seeds; log-probs) to say where the gap comes from;
@@ -240,12 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=2,
-                   help="timed rounds per path (the best is reported)")
+                   help="timed rounds of transformers (the best is reported)")
+    p.add_argument("--vllm-repeats", type=int, default=6,
+                   help="timed rounds of raw vLLM and of the engine (the best is reported)")
     p.add_argument("--model", type=Path, help="an existing Hugging Face folder (model + tokenizer)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads of the transformers path (vLLM's worker binds its own)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's KV cache (CPU)")
     p.add_argument("--ablate-prompts", type=int, help="prompts of the ablation (default: all)")
+    p.add_argument("--ablate-repeats", type=int, default=2, help="timed rounds of each ablation arm")
     p.add_argument("--warmup-prompts", type=int, default=4)
     p.add_argument("--ablate", choices=["auto", "always", "never"], default="auto",
                    help="also time raw vLLM with the engine's extras "
@@ -286,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("warm-up %s: %.1f s", path, warmup[path]["seconds"])
 
     runs = {"hf": [], "vllm": [], "engine": []}
-    for rep in range(args.repeats):
+    for rep in range(max(args.repeats, args.vllm_repeats)):
         order = ["hf", "vllm", "engine"] if rep % 2 == 0 else ["engine", "vllm", "hf"]
         for path in order:
+            if path == "hf" and rep >= args.repeats:
+                continue
             torch.set_num_threads(args.threads)
             r = b.call(path, n)
             r["round"] = rep
@@ -298,25 +305,31 @@ def main(argv: list[str] | None = None) -> int:
                      rep, path, r["tokens"], r["seconds"], r["tokens_per_s"], r["stopped_at_eot"])
     res = {k: _summary(v) for k, v in runs.items()}
     hf, vl, en = (res[k]["tokens_per_s"] for k in ("hf", "vllm", "engine"))
+    # The machine's speed drifts between rounds (a shared VM: ±20 % seen); the two vLLM paths
+    # run back to back in each round, so their ratio within a round is the steadier figure.
+    paired = [e["tokens_per_s"] / v["tokens_per_s"] for e, v in zip(runs["engine"], runs["vllm"], strict=True)]
 
     ablation = None
     if args.ablate == "always" or (args.ablate == "auto" and en < 0.9 * vl):
         # Where the engine's time goes: raw vLLM with its extras one at a time (a prompt subset).
         m = min(args.ablate_prompts or n, n)
-        ablation = {"prompts": m}
-        for name, kw in (("vllm", {}), ("vllm+seeds", {"seeds": True}),
-                         ("vllm+logprobs", {"logprobs": True}),
-                         ("vllm+seeds+logprobs", {"seeds": True, "logprobs": True}),
-                         ("engine", None)):
-            r = b.call("engine", m) if kw is None else b.call("vllm", m, **kw)
-            ablation[name] = r
-            log.info("ablation %-20s %6d tokens in %7.2f s = %8.1f tokens/s", name, r["tokens"],
-                     r["seconds"], r["tokens_per_s"])
+        arms = (("vllm", {}), ("vllm+seeds", {"seeds": True}), ("vllm+logprobs", {"logprobs": True}),
+                ("vllm+seeds+logprobs", {"seeds": True, "logprobs": True}), ("engine", None))
+        rows = {name: [] for name, _ in arms}
+        for rep in range(args.ablate_repeats):
+            for name, kw in arms if rep % 2 == 0 else arms[::-1]:
+                r = b.call("engine", m) if kw is None else b.call("vllm", m, **kw)
+                r["round"] = rep
+                rows[name].append(r)
+                log.info("ablation round %d %-20s %6d tokens in %7.2f s = %8.1f tokens/s", rep, name,
+                         r["tokens"], r["seconds"], r["tokens_per_s"])
+        ablation = {"prompts": m, **{name: _summary(v) for name, v in rows.items()}}
 
     b.engine.close()
     result = {
         "hf_tokens_per_s": hf, "vllm_tokens_per_s": vl, "engine_tokens_per_s": en,
         "engine_vs_vllm": en / vl, "engine_vs_hf": en / hf, "vllm_vs_hf": vl / hf,
+        "engine_vs_vllm_per_round": paired, "engine_vs_vllm_median_of_rounds": statistics.median(paired),
         "generated_tokens": {k: res[k]["tokens"] for k in res},
         "timings": {k: {"best_s": res[k]["seconds"], "runs": res[k]["runs"]} for k in res},
         "warmup": warmup, "ablation": ablation,
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                               "mean": statistics.mean(map(len, b.prompts))},
             "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": None,
             "stop": f"<|im_end|> (id {b.eot}), included in the count", "repeats": args.repeats,
+            "vllm_repeats": args.vllm_repeats,
             "warmup_prompts": warm, "model": str(args.model) if args.model else "random tiny Qwen3",
             "model_sizes": {k: getattr(b.hf.config, k) for k in TINY},
             "parameters": sum(t.numel() for t in b.hf.parameters()),
@@ -357,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     log.info("rollout %s, %d prompts x <=%d tokens: hf %.0f, vllm %.0f, engine %.0f tokens/s; "
-             "engine/vllm %.2f, engine/hf %.2f, vllm/hf %.2f (%.0f s) -> %s", args.dtype, n,
-             args.max_new_tokens, hf, vl, en, en / vl, en / hf, vl / hf, result["wall_s"],
-             args.json)
+             "engine/vllm %.2f (best rounds; median of rounds %.2f), engine/hf %.2f, vllm/hf %.2f "
+             "(%.0f s) -> %s", args.dtype, n, args.max_new_tokens, hf, vl, en, en / vl,
+             result["engine_vs_vllm_median_of_rounds"], en / hf, vl / hf, result["wall_s"], args.json)
     if tmp is not None:
         tmp.cleanup()
     return 0
