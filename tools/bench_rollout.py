@@ -235,7 +235,7 @@ def _summary(rows: list[dict]) -> dict:
             "seconds": best["seconds"], "runs": rows}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="write the results here")
     p.add_argument("--prompts", type=int, default=256)
@@ -255,7 +255,73 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", choices=["auto", "always", "never"], default="auto",
                    help="also time raw vLLM with the engine's extras "
                         "(auto: when the engine is under 0.9x raw vLLM)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _timed_rounds(b: Bench, n: int) -> dict[str, list[dict]]:
+    """`--vllm-repeats` rounds of the two vLLM paths, transformers in the first `--repeats`."""
+    args, runs = b.args, {"hf": [], "vllm": [], "engine": []}
+    for rep in range(max(args.repeats, args.vllm_repeats)):
+        order = ["hf", "vllm", "engine"] if rep % 2 == 0 else ["engine", "vllm", "hf"]
+        for path in (q for q in order if q != "hf" or rep < args.repeats):
+            b.torch.set_num_threads(args.threads)
+            r = b.call(path, n)
+            r["round"] = rep
+            runs[path].append(r)
+            log.info("round %d %-6s %6d tokens in %7.2f s = %8.1f tokens/s "
+                     "(%d stopped at <|im_end|>)",
+                     rep, path, r["tokens"], r["seconds"], r["tokens_per_s"], r["stopped_at_eot"])
+    return runs
+
+
+def _ablation(b: Bench, m: int) -> dict:
+    """Where the engine's time goes: raw vLLM with its extras one at a time, on `m` prompts."""
+    arms = (("vllm", {}), ("vllm+seeds", {"seeds": True}), ("vllm+logprobs", {"logprobs": True}),
+            ("vllm+seeds+logprobs", {"seeds": True, "logprobs": True}), ("engine", None))
+    rows = {name: [] for name, _ in arms}
+    for rep in range(b.args.ablate_repeats):
+        for name, kw in arms if rep % 2 == 0 else arms[::-1]:
+            r = b.call("engine", m) if kw is None else b.call("vllm", m, **kw)
+            r["round"] = rep
+            rows[name].append(r)
+            log.info("ablation round %d %-20s %6d tokens in %7.2f s = %8.1f tokens/s", rep, name,
+                     r["tokens"], r["seconds"], r["tokens_per_s"])
+    return {"prompts": m, **{name: _summary(v) for name, v in rows.items()}}
+
+
+def _settings(b: Bench, n: int, warm: int, hf_threads: int) -> dict:
+    """What was measured, and how: the JSON's `settings`."""
+    args = b.args
+    return {
+        "prompts": n, "think_prompts": sum(m.value == "think" for m in b.modes),
+        "prompt_tokens": {"min": min(map(len, b.prompts)), "max": max(map(len, b.prompts)),
+                          "mean": statistics.mean(map(len, b.prompts))},
+        "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": None,
+        "stop": f"<|im_end|> (id {b.eot}), included in the count", "repeats": args.repeats,
+        "vllm_repeats": args.vllm_repeats,
+        "warmup_prompts": warm, "model": str(args.model) if args.model else "random tiny Qwen3",
+        "model_sizes": {k: getattr(b.hf.config, k) for k in TINY},
+        "parameters": sum(t.numel() for t in b.hf.parameters()),
+        "hf": {"batch": n, "padding": "left", "torch_threads": hf_threads,
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+               "attn_implementation": b.hf.config._attn_implementation,
+               "seeds": f"torch.manual_seed({SEED}) before each call"},
+        "vllm": {"same_llm_as_engine": True, "max_num_seqs": b.cfg.max_num_seqs,
+                 "kv_cache_gb": b.cfg.kv_cache_gb, "max_model_len": b.max_model_len,
+                 "enforce_eager": True, "seeds": f"LLM(seed={SEED}); no per-request seed",
+                 "logprobs": None, "start_s": b.vllm_start_s, **b.sched,
+                 "processes": b.vllm_procs,
+                 "worker_omp_threads": next((len(q["cpu_affinity"]) for q in b.vllm_procs
+                                             if q["name"] == "VLLM::Worker"), None),
+                 "worker_threads": "one OpenMP thread per core of the worker's CPU affinity "
+                                   "(VLLM_CPU_OMP_THREADS_BIND=auto; it keeps a core for the "
+                                   "engine core and front end when it can)"},
+        "engine": {"seeds": "per request (1000 + i)", "logprobs": 0, "thinking_budget": None},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_total, load0 = time.perf_counter(), os.getloadavg()
 
@@ -290,19 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup[path] = b.call(path, warm, **kw)
         log.info("warm-up %s: %.1f s", path, warmup[path]["seconds"])
 
-    runs = {"hf": [], "vllm": [], "engine": []}
-    for rep in range(max(args.repeats, args.vllm_repeats)):
-        order = ["hf", "vllm", "engine"] if rep % 2 == 0 else ["engine", "vllm", "hf"]
-        for path in order:
-            if path == "hf" and rep >= args.repeats:
-                continue
-            torch.set_num_threads(args.threads)
-            r = b.call(path, n)
-            r["round"] = rep
-            runs[path].append(r)
-            log.info("round %d %-6s %6d tokens in %7.2f s = %8.1f tokens/s "
-                     "(%d stopped at <|im_end|>)",
-                     rep, path, r["tokens"], r["seconds"], r["tokens_per_s"], r["stopped_at_eot"])
+    runs = _timed_rounds(b, n)
     res = {k: _summary(v) for k, v in runs.items()}
     hf, vl, en = (res[k]["tokens_per_s"] for k in ("hf", "vllm", "engine"))
     # The machine's speed drifts between rounds (a shared VM: ±20 % seen); the two vLLM paths
@@ -311,19 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ablation = None
     if args.ablate == "always" or (args.ablate == "auto" and en < 0.9 * vl):
-        # Where the engine's time goes: raw vLLM with its extras one at a time (a prompt subset).
-        m = min(args.ablate_prompts or n, n)
-        arms = (("vllm", {}), ("vllm+seeds", {"seeds": True}), ("vllm+logprobs", {"logprobs": True}),
-                ("vllm+seeds+logprobs", {"seeds": True, "logprobs": True}), ("engine", None))
-        rows = {name: [] for name, _ in arms}
-        for rep in range(args.ablate_repeats):
-            for name, kw in arms if rep % 2 == 0 else arms[::-1]:
-                r = b.call("engine", m) if kw is None else b.call("vllm", m, **kw)
-                r["round"] = rep
-                rows[name].append(r)
-                log.info("ablation round %d %-20s %6d tokens in %7.2f s = %8.1f tokens/s", rep, name,
-                         r["tokens"], r["seconds"], r["tokens_per_s"])
-        ablation = {"prompts": m, **{name: _summary(v) for name, v in rows.items()}}
+        ablation = _ablation(b, min(args.ablate_prompts or n, n))
 
     b.engine.close()
     result = {
@@ -335,32 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup, "ablation": ablation,
         "dtypes": {"hf": str(b.hf_dtype).removeprefix("torch."), "vllm": b.vllm_dtype,
                    "engine": b.vllm_dtype},
-        "settings": {
-            "prompts": n, "think_prompts": sum(m.value == "think" for m in b.modes),
-            "prompt_tokens": {"min": min(map(len, b.prompts)), "max": max(map(len, b.prompts)),
-                              "mean": statistics.mean(map(len, b.prompts))},
-            "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": None,
-            "stop": f"<|im_end|> (id {b.eot}), included in the count", "repeats": args.repeats,
-            "vllm_repeats": args.vllm_repeats,
-            "warmup_prompts": warm, "model": str(args.model) if args.model else "random tiny Qwen3",
-            "model_sizes": {k: getattr(b.hf.config, k) for k in TINY},
-            "parameters": sum(t.numel() for t in b.hf.parameters()),
-            "hf": {"batch": n, "padding": "left", "torch_threads": hf_threads,
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                   "attn_implementation": b.hf.config._attn_implementation,
-                   "seeds": f"torch.manual_seed({SEED}) before each call"},
-            "vllm": {"same_llm_as_engine": True, "max_num_seqs": b.cfg.max_num_seqs,
-                     "kv_cache_gb": b.cfg.kv_cache_gb, "max_model_len": b.max_model_len,
-                     "enforce_eager": True, "seeds": f"LLM(seed={SEED}); no per-request seed",
-                     "logprobs": None, "start_s": b.vllm_start_s, **b.sched,
-                     "processes": b.vllm_procs,
-                     "worker_omp_threads": next((len(q["cpu_affinity"]) for q in b.vllm_procs
-                                                 if q["name"] == "VLLM::Worker"), None),
-                     "worker_threads": "one OpenMP thread per core of the worker's CPU affinity "
-                                       "(VLLM_CPU_OMP_THREADS_BIND=auto; it keeps a core for the "
-                                       "engine core and front end when it can)"},
-            "engine": {"seeds": "per request (1000 + i)", "logprobs": 0, "thinking_budget": None},
-        },
+        "settings": _settings(b, n, warm, hf_threads),
         "machine": {"cpu_count": os.cpu_count(), "cpu": _cpu_name(),
                     "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
                     "avx512": torch.cpu._is_avx512_supported(),
