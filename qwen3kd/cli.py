@@ -84,6 +84,15 @@ def _dry_run(cfg, layout) -> None:
         + ", ".join(f"{n / 1e9:.3f} B" for n in stages),
         "layout: " + layout.describe(),
     ]
+    if cfg.teacher is not None:
+        from qwen3kd.distributed.layout import teacher_layout
+        from qwen3kd.teacher.sizing import memory_table
+
+        t = teacher_layout(cfg, layout)
+        tc = count_params(cfg.teacher.model)
+        lines += [f"teacher {cfg.teacher.model.name}: {tc.total:,} parameters "
+                  f"({tc.total / 1e9:.3f} B), active per token {tc.active:,}",
+                  "teacher layout: " + t.describe().splitlines()[0], memory_table(cfg, layout, t)]
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -91,8 +100,10 @@ def train(args) -> int:
     from qwen3kd.config.loader import load_config, save_resolved
     from qwen3kd.config.validate import validate
 
-    cfg = load_config(args.config, args.overrides)
-    layout = validate(cfg)
+    # A dry run checks the config and the layouts, not the paths (a recipe for a cluster names
+    # files that exist there).
+    cfg = load_config(args.config, args.overrides, check_files=not args.dry_run)
+    layout = validate(cfg, check_files=not args.dry_run)
     if args.dry_run:
         _dry_run(cfg, layout)
         return 0

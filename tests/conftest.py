@@ -6,6 +6,35 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hf_with_tokenizer(preset: str, out: Path, toy_assets: Path, seed: int) -> Path:
+    """A random Hugging Face folder of a model preset, with the toy tokenizer's files."""
+    from hf_models import save_tiny_hf
+    from transformers import AutoTokenizer
+
+    from qwen3kd.config.loader import load_config
+
+    save_tiny_hf(load_config(ROOT / "configs" / "models" / preset).model, out, seed=seed)
+    AutoTokenizer.from_pretrained(toy_assets / "tokenizer").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_hf(toy_assets, tmp_path_factory):
+    """The student's initial weights: a random tiny-student HF folder with the toy tokenizer."""
+    return _hf_with_tokenizer("tiny-student.yaml", tmp_path_factory.mktemp("student") / "hf",
+                              toy_assets, seed=1)
+
+
+@pytest.fixture(scope="session")
+def moe_teacher_hf(toy_assets, tmp_path_factory):
+    """A random tiny Qwen3-MoE teacher (tiny-moe-teacher preset) with the toy tokenizer."""
+    return _hf_with_tokenizer("tiny-moe-teacher.yaml", tmp_path_factory.mktemp("moe") / "hf",
+                              toy_assets, seed=2)
+
+
 @pytest.fixture(scope="session")
 def toy_assets(tmp_path_factory):
     """Toy tokenizer, tiny teacher (HF folder) and chat data in both modes (qwen3kd/toy.py)."""

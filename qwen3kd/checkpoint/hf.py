@@ -79,6 +79,10 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
+    def get_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi of a tensor, reading only those bytes."""
+        return self._handle(name).get_slice(name)[lo:hi]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
@@ -122,25 +126,25 @@ _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def _global_name(chunk: torch.nn.Module, name: str) -> tuple[str, bool]:
-    """Local parameter name → name with global layer / expert indices; is it an expert param?"""
-    from megatron.core import parallel_state as ps
-
+    """Local parameter name → name with global layer / expert indices; is it an expert param?
+    Ranks come from the model's own groups (a teacher's are not megatron's global ones)."""
     m = _LAYER.match(name)
     if m:
         layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # 1-based, global
         name = f"decoder.layers.{layer}." + name[m.end():]
     e = _EXPERT.search(name)
     if e:
-        per_rank = chunk.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
-        glob = ps.get_expert_model_parallel_rank() * per_rank + int(e.group(1))
+        ep = chunk.pg_collection.ep
+        per_rank = chunk.config.num_moe_experts // ep.size()
+        glob = ep.rank() * per_rank + int(e.group(1))
         name = name[: e.start()] + f".local_experts.{glob}." + name[e.end():]
     return name, e is not None
 
 
 @torch.no_grad()
 def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: ModelConfig) -> None:
-    """Fill this rank's megatron model chunks from a Hugging Face checkpoint."""
-    from megatron.core import parallel_state as ps
+    """Fill this rank's megatron model chunks from a Hugging Face checkpoint (each its slice, by
+    the ranks in its own process groups)."""
     from megatron.core.utils import unwrap_model
 
     diffs = differences(model, arch_fields(ckpt.config), "config.json")
@@ -158,10 +162,8 @@ def load_hf_into(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, model: Model
             if tied and hf_names == ["lm_head.weight"]:
                 hf_names = ["model.embed_tokens.weight"]  # the last stage's copy of the embedding
             full = merge(rule.merge, [ckpt.get(n) for n in hf_names], heads)
-            if is_expert:
-                rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-            else:
-                rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+            group = chunk.pg_collection.expt_tp if is_expert else chunk.pg_collection.tp
+            rank, size = group.rank(), group.size()
             part = shard(rule.shard, full, rank, size)
             if part.shape != param.shape:
                 raise DataError(

@@ -17,10 +17,17 @@ from qwen3kd.errors import DataError
 
 
 def model_sharded_state(chunks: list[torch.nn.Module]) -> dict:
-    """The model chunks' megatron sharded state dict, one entry per (virtual pipeline) chunk."""
+    """The model chunks' megatron sharded state dict, one entry per (virtual pipeline) chunk.
+    Replica ids come from the model's own data-parallel group: megatron would take the global
+    one, which for a teacher at its own layout gives wrong replicas (one rank then raised
+    "Invalid access pattern" while another hung in DCP's gather)."""
     from megatron.core.utils import unwrap_model
 
-    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    out = {}
+    for i, c in enumerate(chunks):
+        gpt = unwrap_model(c)
+        out[f"model{i}"] = gpt.sharded_state_dict(metadata={"dp_cp_group": gpt.pg_collection.dp_cp})
+    return out
 
 
 def load_weights(chunks: list[torch.nn.Module], path: Path, model: ModelConfig) -> None:
@@ -51,6 +58,29 @@ def load_initial_weights(chunks: list[torch.nn.Module], path: Path, model: Model
         load_hf_into(chunks, HFCheckpoint(path), model)
     else:
         load_weights(chunks, path, model)
+
+
+def check_fits(path: Path, model: ModelConfig) -> None:
+    """Raise DataError, naming the file, unless `path` holds weights of `model`'s architecture (a
+    Hugging Face folder's config.json or a qwen3kd Megatron checkpoint's manifest). Reads only
+    metadata: callers run it on every rank before any collective, so all ranks fail alike."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from qwen3kd.checkpoint.hf import HFCheckpoint, arch_fields
+        from qwen3kd.checkpoint.manifest import differences
+
+        ckpt = HFCheckpoint(path)
+        diffs = differences(model, arch_fields(ckpt.config), "config.json")
+        if diffs:
+            raise DataError(f"{path}/config.json does not match the model config: " + "; ".join(diffs))
+        missing = ckpt.missing_files()
+        if missing:
+            raise DataError(f"{missing[0]}: shard file missing")
+        return
+    if not (path / "metadata.json").is_file():
+        raise DataError(f"{path}: not a Megatron distributed checkpoint (no metadata.json) and "
+                        "not a Hugging Face folder (no config.json)")
+    check_model(path, model)
 
 
 def hf_files_of(path: Path) -> Path | None:

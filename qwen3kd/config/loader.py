@@ -83,8 +83,10 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
     return ConfigError(f"{source}: {str(err).splitlines()[0]}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Merge defaults ← YAML (with includes) ← overrides; validate; return it read-only."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                check_files: bool = True) -> JobConfig:
+    """Merge defaults ← YAML (with includes) ← overrides; validate (the paths too unless
+    `check_files` is false); return it read-only."""
     # Imported here: validate needs the layout, which needs the model schema (not torch).
     from qwen3kd.config.validate import validate
 
@@ -110,7 +112,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise _explain(e, schema, str(path or "config")) from None
     if missing:
         raise ConfigError(f"{path or 'config'}: required config key(s) not set: {', '.join(missing)}")
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # a DictConfig typed like JobConfig (attribute access, enums kept)
 

@@ -214,17 +214,34 @@ class KDConfig:
 
 
 @dataclass
+class TeacherParallelConfig:
+    """The teacher's own layout over the trainer's processes. A null field takes the student's
+    value (parallel.*); the teacher's data-parallel size is world / (tensor × pipeline). Its layers
+    are split evenly over its pipeline stages, without virtual stages."""
+
+    tensor: int | None = None
+    pipeline: int | None = None
+    expert: int | None = None
+    expert_tensor: int | None = None  # null: the teacher's tensor (megatron's default)
+    sequence_parallel: bool | None = None
+
+
+@dataclass
 class TeacherConfig:
-    """A frozen teacher run in the trainer, with the student's tensor and pipeline layout.
+    """A frozen teacher run in the trainer's own processes, with a parallel layout of its own.
     Its architecture is a model preset merged under `teacher`: `include: [PRESET.yaml@teacher]`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Weights: a Hugging Face folder or a Megatron checkpoint (any layout). None: random init
-    # (only for tests).
+    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
+    # Weights (required): a Hugging Face folder or a Megatron checkpoint, saved at any layout.
     load: str | None = None
     tokenizer: str | None = None  # None: the tokenizer files next to `load`
     precision: TeacherPrecision = TeacherPrecision.auto
-    offload: bool = False  # keep its weights in CPU memory between training steps (GPU)
+    offload: bool = False  # keep its weights in CPU memory outside its phase of a step (GPU)
+    # Tokens per rank whose teacher hidden states are held at once: a step whose micro-batches hold
+    # more runs in waves (teacher phase, then the student's forward-backward, per wave; gradients
+    # accumulate over the waves). None: the whole step in one wave.
+    wave_tokens: int | None = None
     # Experts only: train even when the teacher's and student's tokenizers or chat templates differ.
     skip_conformance: bool = False
 

@@ -34,14 +34,10 @@ def _check_model(m, key: str = "model") -> None:
         raise ConfigError(f"{key}.num_experts_per_tok is set but {key}.num_experts is 0")
 
 
-def _check_distillation(cfg: JobConfig, layout) -> None:
-    """The teacher shares the student's layout; the KD loss parameters are sane."""
-    from dataclasses import replace
-
-    from omegaconf import OmegaConf
-
-    from qwen3kd.config.schema import ParallelConfig
-    from qwen3kd.distributed.layout import ParallelLayout
+def _check_distillation(cfg: JobConfig, layout, check_files: bool) -> None:
+    """The KD loss parameters are sane; the teacher's own layout fits its model and the world;
+    its checkpoint fits its preset (read on every rank before any collective)."""
+    from qwen3kd.distributed.layout import teacher_layout
     from qwen3kd.losses.reference import check_kd_params
 
     k = cfg.kd
@@ -57,17 +53,22 @@ def _check_distillation(cfg: JobConfig, layout) -> None:
             raise ConfigError("eval.interval > 0 needs a teacher (evaluation reports KL)")
         return
     _check_model(t.model, "teacher.model")
-    par = replace(OmegaConf.to_object(cfg.parallel), first_stage_layers=None, last_stage_layers=None)
-    if t.model.num_experts and not cfg.model.num_experts and par.expert > 1:
-        raise ConfigError("parallel.expert > 1 with a dense student: the teacher shares the "
-                          "student's expert layout (a separate teacher EP is not supported yet)")
     try:
-        ParallelLayout.from_config(ParallelConfig(**vars(par)), t.model, layout.world_size)
+        teacher_layout(cfg, layout)
     except ValueError as e:
-        raise ConfigError(f"teacher (built with the student's parallel layout, layers split "
-                          f"evenly): {str(e).replace('model.', 'teacher.model.')}") from None
-    if t.load and not Path(t.load).is_dir():
-        raise ConfigError(f"teacher.load: directory not found: {t.load}")
+        raise ConfigError(str(e)) from None
+    if t.wave_tokens is not None and t.wave_tokens < 1:
+        raise ConfigError("teacher.wave_tokens must be >= 1 (or null: one wave per step)")
+    if check_files and t.load:  # (`qwen3kd demo` fills teacher.load in; Trainer requires it)
+        from qwen3kd.checkpoint.weights import check_fits
+        from qwen3kd.errors import DataError
+
+        if not Path(t.load).is_dir():
+            raise ConfigError(f"teacher.load: directory not found: {t.load}")
+        try:
+            check_fits(Path(t.load), t.model)
+        except DataError as e:
+            raise ConfigError(f"teacher.load: {str(e).replace(' model.', ' teacher.model.')}") from None
     e, per = cfg.eval, cfg.train.micro_batch_size * layout.dp
     if e.interval and (not cfg.data.eval_path or cfg.data.kind.value != "chat"):
         raise ConfigError("eval.interval > 0 needs data.kind=chat and data.eval_path "
@@ -168,7 +169,7 @@ def check_rollout(cfg: JobConfig, head_dim: int) -> None:
                           f"{', '.join(map(str, CPU_ENGINE_HEAD_DIMS))}")
 
 
-def _check_phases(cfg: JobConfig, dp: int) -> None:
+def _check_phases(cfg: JobConfig, dp: int, check_files: bool = True) -> None:
     from qwen3kd.config.schema import Phase
 
     phases = list(cfg.phases)
@@ -184,7 +185,7 @@ def _check_phases(cfg: JobConfig, dp: int) -> None:
         raise ConfigError("phases: onpolicy needs a teacher (it scores the student's answers)")
     if o.steps < 1:
         raise ConfigError("onpolicy.steps must be >= 1 when phases has onpolicy")
-    if not o.prompts or not Path(o.prompts).is_file():
+    if not o.prompts or (check_files and not Path(o.prompts).is_file()):
         raise ConfigError(f"onpolicy.prompts: file not found: {o.prompts}")
     if not 0 <= o.think_ratio <= 1:
         raise ConfigError(f"onpolicy.think_ratio must be in [0, 1], got {o.think_ratio}")
@@ -197,8 +198,10 @@ def _check_phases(cfg: JobConfig, dp: int) -> None:
     check_rollout(cfg, cfg.model.head_dim)
 
 
-def validate(cfg: JobConfig, world_size: int | None = None):
-    """Raise ConfigError (a ValueError) on the first inconsistency; return the parallel layout."""
+def validate(cfg: JobConfig, world_size: int | None = None, check_files: bool = True):
+    """Raise ConfigError (a ValueError) on the first inconsistency; return the parallel layout.
+    Every rank runs it before any collective, so a bad config fails alike everywhere.
+    `check_files=False` (--dry-run): the config and the layouts only, not the paths."""
     from qwen3kd.distributed.layout import ParallelLayout
 
     _check_model(cfg.model)
@@ -207,7 +210,8 @@ def validate(cfg: JobConfig, world_size: int | None = None):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_train(cfg, layout.dp)
-    _check_paths(cfg)
-    _check_distillation(cfg, layout)
-    _check_phases(cfg, layout.dp)
+    if check_files:
+        _check_paths(cfg)
+    _check_distillation(cfg, layout, check_files)
+    _check_phases(cfg, layout.dp, check_files)
     return layout

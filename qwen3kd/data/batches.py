@@ -32,18 +32,25 @@ class MicroBatch:
     segments: torch.Tensor | None = None  # [B, S] packed-sample id per position, -1 for padding
     modes: torch.Tensor | None = None  # [B, S] int64 mode id per label (0 where unmasked)
     groups: torch.Tensor | None = None  # [B, S] int64 metric group per label (evaluation)
+    # The teacher's final hidden states of these tokens [S(/TP), B, H_t], on the student's last
+    # stage, during the step only (teacher/frozen.py sets and releases it).
+    teacher_hidden: torch.Tensor | None = None
 
     def attention_mask(self) -> torch.Tensor | None:
-        """[B, 1, S, S] bool, True where attention is *not* allowed (megatron's convention):
-        causal and within one packed sample. None when no row holds two samples (the model's
-        own causal mask is enough). RoPE needs no position reset: attention scores depend only
-        on relative positions, which are the same inside a sample wherever it is packed."""
-        if self.segments is None or int(self.segments.max()) < 1:
-            return None  # at most one sample per row: causal attention keeps padding out of it
-        s = self.segments
-        same = s[:, :, None] == s[:, None, :]
-        causal = torch.ones(s.shape[1], s.shape[1], dtype=torch.bool).tril_()
-        return ~(same & causal)[:, None]
+        return packed_attention_mask(self.segments)
+
+
+def packed_attention_mask(segments: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, S, S] bool, True where attention is *not* allowed (megatron's convention): causal
+    and within one packed sample. None when no row holds two samples (the model's own causal mask
+    is enough). RoPE needs no position reset: attention scores depend only on relative positions,
+    which are the same inside a sample wherever it is packed."""
+    if segments is None or int(segments.max()) < 1:
+        return None  # at most one sample per row: causal attention keeps padding out of it
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool,
+                        device=segments.device).tril_()
+    return ~(same & causal)[:, None]
 
 
 def micro_batches(dataset, first_row: int, global_batch: int, micro_batch: int, dp_rank: int,

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from qwen3kd.config.schema import Backend, ModelConfig, ParallelConfig
+from qwen3kd.config.schema import Backend, JobConfig, ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,11 @@ class ParallelLayout:
 
     @classmethod
     def from_config(
-        cls, par: ParallelConfig, model: ModelConfig, world_size: int | None = None
+        cls, par: ParallelConfig, model: ModelConfig, world_size: int | None = None, *,
+        key: str = "parallel", model_key: str = "model",
     ) -> ParallelLayout:
-        """Check `par` against `model` and the world size; raise ValueError naming the key."""
+        """Check `par` against `model` and the world size; raise ValueError naming the key
+        (`key` and `model_key`: where `par` and `model` are in the config)."""
         env = os.environ.get("WORLD_SIZE")
         launched = world_size or (int(env) if env else None)
         if par.world_size is not None and launched is not None and par.world_size != launched:
@@ -51,29 +53,27 @@ class ParallelLayout:
                 f"parallel.world_size={par.world_size} but the launcher started {launched} processes"
             )
         world = par.world_size or launched or 1
-        for key in ("tensor", "pipeline", "expert", "context"):
-            if getattr(par, key) < 1:
-                raise ValueError(f"parallel.{key} must be >= 1, got {getattr(par, key)}")
+        k, mk = key, model_key
+        for name in ("tensor", "pipeline", "expert", "context"):
+            if getattr(par, name) < 1:
+                raise ValueError(f"{k}.{name} must be >= 1, got {getattr(par, name)}")
         if par.context != 1:
-            raise ValueError("parallel.context > 1 (context parallelism) is not supported yet")
+            raise ValueError(f"{k}.context > 1 (context parallelism) is not supported yet")
         tp, pp, ep = par.tensor, par.pipeline, par.expert
         etp = par.expert_tensor if par.expert_tensor is not None else tp
+        _check_heads(tp, model, k, mk)
+        _check_pipeline(par, model, k, mk)
         if world % (tp * pp):
             raise ValueError(
-                f"world size {world} is not divisible by parallel.tensor × parallel.pipeline "
-                f"= {tp} × {pp}"
+                f"world size {world} is not divisible by {k}.tensor × {k}.pipeline = {tp} × {pp}"
             )
         dp = world // (tp * pp)
-        _check_heads(tp, model)
-        _check_pipeline(par, model)
-        _check_experts(par, model, tp, dp, ep, etp)
+        _check_experts(par, model, tp, dp, ep, etp, k, mk)
         if par.sequence_parallel and tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tensor > 1")
+            raise ValueError(f"{k}.sequence_parallel needs {k}.tensor > 1")
         if model.num_experts and tp > 1 and not par.sequence_parallel:
-            # MoE layers with TP expect sequence-parallel input in training (megatron MoELayer).
-            raise ValueError(
-                "an MoE model with parallel.tensor > 1 needs parallel.sequence_parallel=true"
-            )
+            # MoE layers with TP expect sequence-parallel input (megatron MoELayer).
+            raise ValueError(f"an MoE model with {k}.tensor > 1 needs {k}.sequence_parallel=true")
         return cls(
             world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, vpp=par.virtual_pipeline,
             sequence_parallel=par.sequence_parallel,
@@ -108,9 +108,11 @@ class ParallelLayout:
             return "nccl" if torch.cuda.is_available() else "gloo"
         return self.backend.value
 
-    def init(self, seed: int, timeout_minutes: int = 30) -> None:
-        """Start torch.distributed (env:// rendezvous from torchrun / SLURM) and megatron groups,
-        and seed the RNGs (megatron derives per-TP-rank and per-expert streams from `seed`)."""
+    def init(self, seed: int, timeout_minutes: int = 30, teacher: ParallelLayout | None = None):
+        """Start torch.distributed (env:// rendezvous from torchrun / SLURM) and megatron groups
+        (this layout's: the student's), and seed the RNGs (megatron derives per-TP-rank and
+        per-expert streams from `seed`). With `teacher`, also build the teacher layout's groups
+        once and return them (distributed/groups.py); megatron's globals stay the student's."""
         import torch
         import torch.distributed as dist
         from megatron.core import parallel_state
@@ -142,6 +144,23 @@ class ParallelLayout:
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         log.info("parallel layout: %s", self.describe().splitlines()[0])
+        if teacher is None:
+            return None
+        from qwen3kd.distributed.groups import build_groups
+
+        groups = build_groups(teacher, self.groups())
+        log.info("teacher layout: %s (%d new process groups)", teacher.describe().splitlines()[0],
+                 groups.created)
+        return groups
+
+    @staticmethod
+    def groups():
+        """The student's process groups (megatron's globals) as a ProcessGroupCollection."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return ProcessGroupCollection.use_mpu_process_groups(required_pgs=[
+            "tp", "pp", "mp", "cp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "embd",
+            "pos_embd", "dp", "dp_cp", "intra_dp_cp", "intra_expt_dp", "expt_dp", "tp_dp_cp"])
 
     @staticmethod
     def destroy() -> None:
@@ -153,66 +172,85 @@ class ParallelLayout:
             dist.destroy_process_group()
 
 
-def _check_heads(tp: int, model: ModelConfig) -> None:
-    if model.num_attention_heads % tp:
-        raise ValueError(
-            f"parallel.tensor={tp} does not divide model.num_attention_heads="
-            f"{model.num_attention_heads}"
-        )
-    if model.num_key_value_heads % tp:
-        raise ValueError(
-            f"parallel.tensor={tp} does not divide model.num_key_value_heads="
-            f"{model.num_key_value_heads}"
-        )
-    if model.vocab_size % tp:
-        raise ValueError(f"parallel.tensor={tp} does not divide model.vocab_size={model.vocab_size}")
+def teacher_layout(cfg: JobConfig, student: ParallelLayout) -> ParallelLayout:
+    """The teacher's layout over the student's processes: teacher.parallel, a null field taking
+    the student's value where the teacher can use it (expert parallelism only for an MoE teacher;
+    sequence parallelism only with TP > 1, and always for an MoE teacher with TP > 1, which needs
+    it). Its layers are split evenly over its stages; it has no virtual stages and no optimizer."""
+    t, s, model = cfg.teacher.parallel, cfg.parallel, cfg.teacher.model
+    tp = t.tensor if t.tensor is not None else s.tensor
+    sp = t.sequence_parallel
+    if sp is None:
+        sp = tp > 1 and (s.sequence_parallel or bool(model.num_experts))
+    ep = t.expert if t.expert is not None else (s.expert if model.num_experts else 1)
+    par = ParallelConfig(
+        tensor=tp, pipeline=t.pipeline if t.pipeline is not None else s.pipeline, expert=ep,
+        expert_tensor=t.expert_tensor, sequence_parallel=sp, backend=s.backend,
+        world_size=student.world_size,
+    )
+    return ParallelLayout.from_config(par, model, student.world_size, key="teacher.parallel",
+                                      model_key="teacher.model")
 
 
-def _check_pipeline(par: ParallelConfig, model: ModelConfig) -> None:
+def _check_heads(tp: int, model: ModelConfig, k: str, mk: str) -> None:
+    # TP ≤ KV heads follows from TP dividing them. It matters beyond the shapes: with fewer KV
+    # heads than TP ranks megatron's attention falls back to the global TP group (the student's,
+    # for a teacher). Qwen3-235B-A22B has 4 KV heads, so its TP is at most 4.
+    for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if name == "num_key_value_heads" and tp > model.num_key_value_heads:
+            raise ValueError(f"{k}.tensor={tp} exceeds {mk}.num_key_value_heads="
+                             f"{model.num_key_value_heads} (tensor parallelism splits the KV heads)")
+        if getattr(model, name) % tp:
+            raise ValueError(
+                f"{k}.tensor={tp} does not divide {mk}.{name}={getattr(model, name)}"
+            )
+
+
+def _check_pipeline(par: ParallelConfig, model: ModelConfig, k: str, mk: str) -> None:
     pp, layers = par.pipeline, model.num_hidden_layers
     first, last = par.first_stage_layers, par.last_stage_layers
     if (first is not None or last is not None) and pp == 1:
-        raise ValueError("parallel.first_stage_layers / last_stage_layers need parallel.pipeline > 1")
+        raise ValueError(f"{k}.first_stage_layers / last_stage_layers need {k}.pipeline > 1")
     rest, middle = layers, pp
     for key, n in (("first_stage_layers", first), ("last_stage_layers", last)):
         if n is not None:
             if not 0 < n < layers:
-                raise ValueError(f"parallel.{key}={n} must be in 1..{layers - 1}")
+                raise ValueError(f"{k}.{key}={n} must be in 1..{layers - 1}")
             rest, middle = rest - n, middle - 1
     if middle and (rest < middle or rest % middle):
         raise ValueError(
-            f"parallel.pipeline={pp} does not divide model.num_hidden_layers={layers}"
+            f"{k}.pipeline={pp} does not divide {mk}.num_hidden_layers={layers}"
             + (" (after first/last stage layers)" if middle != pp else "")
-            + "; set parallel.first_stage_layers / last_stage_layers for an uneven split"
+            + (f"; set {k}.first_stage_layers / last_stage_layers for an uneven split"
+               if hasattr(par, "first_stage_layers") and k == "parallel" else "")
         )
     if middle == 0 and rest != 0:
         raise ValueError(
-            f"parallel.first_stage_layers + last_stage_layers must equal "
-            f"model.num_hidden_layers={layers} when parallel.pipeline=2"
+            f"{k}.first_stage_layers + last_stage_layers must equal "
+            f"{mk}.num_hidden_layers={layers} when {k}.pipeline=2"
         )
     if par.virtual_pipeline is not None:
         vpp = par.virtual_pipeline
         if pp == 1 or vpp < 2:
-            raise ValueError("parallel.virtual_pipeline needs parallel.pipeline > 1 and a value >= 2")
+            raise ValueError(f"{k}.virtual_pipeline needs {k}.pipeline > 1 and a value >= 2")
         if first is not None or last is not None or layers % (pp * vpp):
             raise ValueError(
-                f"parallel.pipeline × parallel.virtual_pipeline = {pp * vpp} must divide "
-                f"model.num_hidden_layers={layers} (uneven stages are not supported with it)"
+                f"{k}.pipeline × {k}.virtual_pipeline = {pp * vpp} must divide "
+                f"{mk}.num_hidden_layers={layers} (uneven stages are not supported with it)"
             )
 
 
-def _check_experts(par: ParallelConfig, model: ModelConfig, tp: int, dp: int, ep: int, etp: int):
+def _check_experts(par: ParallelConfig, model: ModelConfig, tp: int, dp: int, ep: int, etp: int,
+                   k: str, mk: str):
     if not model.num_experts:
         if ep > 1:
-            raise ValueError(f"parallel.expert={ep} needs an MoE model (model.num_experts > 0)")
+            raise ValueError(f"{k}.expert={ep} needs an MoE model ({mk}.num_experts > 0)")
         return
     if model.num_experts % ep:
-        raise ValueError(
-            f"parallel.expert={ep} does not divide model.num_experts={model.num_experts}"
-        )
+        raise ValueError(f"{k}.expert={ep} does not divide {mk}.num_experts={model.num_experts}")
     if (tp * dp) % (etp * ep):
         raise ValueError(
-            f"parallel.expert × expert_tensor = {ep} × {etp} must divide tensor × data parallel "
+            f"{k}.expert × {k}.expert_tensor = {ep} × {etp} must divide tensor × data parallel "
             f"= {tp} × {dp} (expert groups are carved out of the data-parallel ranks)"
         )
 

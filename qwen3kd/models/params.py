@@ -59,3 +59,30 @@ def _stage_layers(layers: int, pp: int, first: int | None, last: int | None) -> 
     rest, middle = layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
     even = [rest // middle] * middle if middle else []
     return ([first] if first is not None else []) + even + ([last] if last is not None else [])
+
+
+def rank_params(m: ModelConfig, layout, rank: int, first: int | None = None,
+                last: int | None = None, output_layer: bool = True) -> int:
+    """Parameters one rank holds under `layout` (a ParallelLayout): its stage's layers with the
+    attention and dense MLP split by TP and the experts by EP × expert-TP (norms and the router
+    replicated), the embedding on the first stage and the output layer on the last (split by TP).
+    `output_layer=False`: a model that keeps no output layer of its own (the teacher)."""
+    h, d = m.hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * d, m.num_key_value_heads * d
+    c = layout.coords(rank)
+    layers = _stage_layers(m.num_hidden_layers, layout.pp, first, last)[c["pp"]]
+    layer = (h * (q + 2 * kv) + q * h) // layout.tp + (2 * d if m.qk_norm else 0) + 2 * h
+    if m.num_experts:
+        layer += m.num_experts * 3 * h * m.moe_intermediate_size // (layout.ep * layout.etp)
+        layer += h * m.num_experts
+    else:
+        layer += 3 * h * m.intermediate_size // layout.tp
+    total = layers * layer
+    first_stage, last_stage = c["pp"] == 0, c["pp"] == layout.pp - 1
+    if first_stage:
+        total += m.vocab_size * h // layout.tp
+    if last_stage:
+        total += h
+        if output_layer and not (m.tie_word_embeddings and first_stage):
+            total += m.vocab_size * h // layout.tp
+    return total

@@ -107,37 +107,45 @@ def layer_spec(cfg: JobConfig):
     )
 
 
-def build_model(cfg: JobConfig, layout: ParallelLayout, meta: bool = False) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage). Needs `layout.init()` first.
-    `meta`: parameters without storage (shapes and names only), for streaming conversion."""
+def build_model(cfg: JobConfig, layout: ParallelLayout, meta: bool = False, pgc=None,
+                initialize: bool = True) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), on the process groups `pgc` (a
+    ProcessGroupCollection; None: megatron's globals, i.e. the student's layout). Needs
+    `layout.init()` first. `meta`: parameters without storage (shapes and names only), for
+    streaming conversion. `initialize=False`: no random initialisation (weights loaded next)."""
+    if pgc is None:
+        pgc = ParallelLayout.groups()
     if meta:
         with torch.device("meta"):
             tcfg = transformer_config(cfg, layout)
             tcfg.use_cpu_initialization, tcfg.perform_initialization = True, False
-            return _build(cfg, layout, tcfg, to_gpu=False)
-    return _build(cfg, layout, transformer_config(cfg, layout), to_gpu=torch.cuda.is_available())
+            return _build(cfg, layout, tcfg, pgc, to_gpu=False)
+    tcfg = transformer_config(cfg, layout)
+    tcfg.perform_initialization = initialize
+    return _build(cfg, layout, tcfg, pgc, to_gpu=torch.cuda.is_available())
 
 
-def _build(cfg: JobConfig, layout: ParallelLayout, tcfg, to_gpu: bool) -> list[torch.nn.Module]:
-    from megatron.core import parallel_state
+def _build(cfg: JobConfig, layout: ParallelLayout, tcfg, pgc, to_gpu: bool) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     spec = layer_spec(cfg)
     m = cfg.model
+    stage, stages, vpp = pgc.pp.rank(), pgc.pp.size(), layout.vpp or 1
     chunks = []
-    for vp in range(layout.vpp or 1):
-        vp_stage = vp if layout.vpp else None
+    for vp in range(vpp):
         model = GPTModel(
             config=tcfg,
             transformer_layer_spec=spec,
             vocab_size=m.vocab_size,
             max_sequence_length=m.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            # The stage from the model's own pipeline group: the teacher's is not megatron's global.
+            pre_process=stage == 0 and vp == 0,
+            post_process=stage == stages - 1 and vp == vpp - 1,
             share_embeddings_and_output_weights=m.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(m.rope_theta),
-            vp_stage=vp_stage,
+            pg_collection=pgc,
+            vp_stage=vp if layout.vpp else None,
         )
         if m.num_experts and m.router is RouterMode.frozen:
             for name, p in model.named_parameters():

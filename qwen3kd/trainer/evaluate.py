@@ -37,7 +37,7 @@ class Evaluator:
 
         self.cfg, self.data, self.model = cfg, data, model
         self.k = cfg.eval.log_samples
-        self.objective = KDObjective(cfg, teacher, model, with_ce=True,
+        self.objective = KDObjective(cfg, teacher, with_ce=True,
                                      n_groups=len(MODES) * (self.k + 1))
         self.rows = min(cfg.eval.samples, len(data.eval))
         self.reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -78,9 +78,12 @@ class Evaluator:
     def run(self, step: int, metrics_logger) -> dict[str, float]:
         from qwen3kd.trainer.loop import run_schedule
 
-        total = run_schedule(self.model, self.objective, self.batches, self.cfg.train,
-                             self.reports, forward_only=True)
-        self.objective.teacher.end_step()
+        total = 0
+        for wave in self.objective.waves(self.batches):
+            with self.objective.scored(wave):
+                total = total + run_schedule(self.model, self.objective, wave, self.cfg.train,
+                                             self.reports, forward_only=True)
+        self.objective.teacher.take_timings()  # the training step's timings are not the eval's
         out = self.objective.summarise(total, "eval")
         if dist.get_rank() == 0:
             metrics_logger.log_artifact(self._write_samples(step, total), "eval")

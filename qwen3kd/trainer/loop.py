@@ -3,9 +3,10 @@
 Each part of a step is a named method; the loop itself reads like the algorithm:
     for each phase (off-policy, on-policy; config `phases`):
       for each step:  batch (off-policy: the teacher's answers; on-policy: the student's rollouts)
-                      → teacher onload → forward-backward over micro-batches (per micro-batch:
-                      teacher forward, student forward, KD loss) → optimizer step → teacher
-                      offload → (on-policy) weight sync into the rollout engine + staleness probe
+                      → per wave of micro-batches: the teacher's phase (its own layout: tokens
+                      out, its forward, hidden states back) then the student's forward-backward
+                      (KD loss) → gradients finalised over the waves → optimizer step
+                      → (on-policy) weight sync into the rollout engine + staleness probe
                       → metrics → evaluation → checkpoint
       hand over: a checkpoint at the phase's last step
 """
@@ -24,6 +25,7 @@ from qwen3kd.checkpoint.weights import hf_files_of, load_initial_weights
 from qwen3kd.config.schema import JobConfig, Phase
 from qwen3kd.data.batches import micro_batches
 from qwen3kd.distributed.layout import ParallelLayout
+from qwen3kd.errors import ConfigError
 from qwen3kd.models.qwen3 import build_model
 from qwen3kd.tracking.run import open_tracking
 from qwen3kd.trainer.data import TrainData
@@ -45,7 +47,15 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         cfg = self.cfg
-        self.layout.init(cfg.train.seed)
+        teacher_layout = None
+        if cfg.teacher is not None:
+            if not cfg.teacher.load:  # every rank, before any collective
+                raise ConfigError("teacher.load: the teacher's weights (a Hugging Face folder or "
+                                  "a Megatron checkpoint) are required")
+            from qwen3kd.distributed.layout import teacher_layout as layout_of_teacher
+
+            teacher_layout = layout_of_teacher(cfg, self.layout)  # checked by validate already
+        teacher_groups = self.layout.init(cfg.train.seed, teacher=teacher_layout)
         # Tokenizers, conformance and data first: a bad file fails before any model is built.
         self.data = TrainData.open(cfg)
         self.model = self.build_student()
@@ -60,11 +70,10 @@ class Trainer:
         if cfg.teacher is not None:
             from qwen3kd.teacher.frozen import Teacher
 
-            self.teacher = Teacher(cfg, self.layout)
+            self.teacher = Teacher(cfg, self.layout, teacher_layout, teacher_groups)
             self.objectives = {
-                Phase.offpolicy: KDObjective(cfg, self.teacher, self.model, with_ce=False),
-                Phase.onpolicy: KDObjective(cfg, self.teacher, self.model, with_ce=False,
-                                            kd=onpolicy_kd(cfg)),
+                Phase.offpolicy: KDObjective(cfg, self.teacher, with_ce=False),
+                Phase.onpolicy: KDObjective(cfg, self.teacher, with_ce=False, kd=onpolicy_kd(cfg)),
             }
         else:
             self.objectives = {Phase.offpolicy: LMObjective()}
@@ -78,8 +87,6 @@ class Trainer:
         dist.barrier()  # rank 0 opened MLflow: the others would count that wait in step 1's timings
 
     def build_student(self) -> list[torch.nn.Module]:
-        from megatron.core.distributed import finalize_model_grads
-
         cfg = self.cfg
         chunks = build_model(cfg, self.layout)
         self.resume_from = self._resume_path()
@@ -90,7 +97,9 @@ class Trainer:
             log.info("loaded weights from %s", cfg.checkpoint.load)
         model = wrap_ddp(chunks, cfg, self.layout)
         mcfg = chunks[0].config
-        mcfg.finalize_model_grads_func = finalize_model_grads
+        # Gradients are finalised once per step, after all its waves (forward_backward), not by
+        # each schedule call.
+        mcfg.finalize_model_grads_func = None
         mcfg.no_sync_func = [m.no_sync for m in model]
         if len(model) == 1:
             mcfg.no_sync_func = mcfg.no_sync_func[0]
@@ -121,12 +130,22 @@ class Trainer:
                              t.micro_batch_size, self.dp_rank, self.layout.dp, t.seq_length), {}
 
     def forward_backward(self, batches: list) -> torch.Tensor:
+        """Gradients of the step's loss, summed over its waves (one wave unless teacher.wave_tokens
+        cuts it), scaled by the global count of learned tokens once at the end."""
+        from megatron.core.distributed import finalize_model_grads
+
         t = self.cfg.train
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        return run_schedule(self.model, self.objective, batches, t, self.reports_loss,
-                            forward_only=False)
+        total = 0
+        for wave in self.objective.waves(batches):
+            with self.objective.scored(wave):
+                total = total + run_schedule(self.model, self.objective, wave, t, self.reports_loss,
+                                             forward_only=False)
+        tokens = sum(int(mb.loss_mask.sum()) for mb in batches)  # this replica's; megatron sums them
+        finalize_model_grads(self.model, torch.tensor(tokens, dtype=torch.int, device=device()))
+        return total
 
     def optimizer_step(self) -> tuple[float, float]:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -139,14 +158,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
         batches, made = self.next_batches()
-        if self.teacher is not None:
-            self.teacher.onload()
         total = self.forward_backward(batches)
-        timings = self.teacher.end_step() if self.teacher is not None else {}
+        timings = self.teacher.take_timings() if self.teacher is not None else {}
         opt_start = time.perf_counter()
         grad_norm, lr = self.optimizer_step()
-        if self.teacher is not None:
-            self.teacher.offload()
         end = time.perf_counter()
         self.progress.step += 1
         if self.phase is Phase.offpolicy:

@@ -10,6 +10,7 @@ which `Trainer.global_sums` adds over micro-batches and ranks and `summarise` tu
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -18,7 +19,7 @@ from qwen3kd.config.schema import JobConfig, KDConfig
 from qwen3kd.data.batches import MicroBatch
 from qwen3kd.data.chat import MODES
 from qwen3kd.losses.fused import METRICS, KDSpec, fused_kd_loss
-from qwen3kd.teacher.frozen import Teacher, final_hidden, output_weight
+from qwen3kd.teacher.frozen import Teacher
 
 
 def device() -> torch.device:
@@ -35,10 +36,43 @@ def _to_device(batch: MicroBatch):
     return tokens, pos, labels, mask, attn.to(dev) if attn is not None else None
 
 
+@contextlib.contextmanager
+def final_hidden(model: torch.nn.Module):
+    """Run a GPTModel (possibly wrapped) up to its final norm: on the last pipeline stage it
+    returns the hidden states [S, B, H] the output layer would read, not the logits."""
+    from megatron.core.utils import unwrap_model
+
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        yield
+        return
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = True
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output layer's weight shard [V/TP, H] (the embedding when they are tied)."""
+    from megatron.core.utils import unwrap_model
+
+    gpt = unwrap_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
 class LMObjective:
     """Causal-LM cross-entropy (megatron's own loss, from the logits)."""
 
     shape = (2,)  # loss sum, tokens
+
+    def waves(self, batches: list) -> list[list]:
+        return [batches]
+
+    def scored(self, batches: list):
+        return contextlib.nullcontext()
 
     def forward_step(self, data_iterator, model):
         tokens, pos, labels, mask, attn = _to_device(next(data_iterator))
@@ -59,11 +93,12 @@ class LMObjective:
 
 
 class KDObjective:
-    """Distillation: for each micro-batch the teacher runs first (no grad, this rank's stage),
-    then the student; the KD loss (mixed with CE when kd.alpha < 1) comes from both models' final
-    hidden states and output-layer shards, vocabulary-parallel and chunked."""
+    """Distillation: the teacher's phase runs first over the wave's micro-batches (`scored`),
+    then the student's schedule; the KD loss (mixed with CE when kd.alpha < 1) comes from the
+    student's final hidden states and output-layer shard and the teacher's hidden states and
+    output-layer copy (split like the student's vocabulary), vocabulary-parallel and chunked."""
 
-    def __init__(self, cfg: JobConfig, teacher: Teacher, model_chunks: list, with_ce: bool,
+    def __init__(self, cfg: JobConfig, teacher: Teacher, with_ce: bool,
                  n_groups: int = len(MODES), kd: KDConfig | None = None):
         from megatron.core import parallel_state as ps
 
@@ -71,29 +106,36 @@ class KDObjective:
         self.spec = KDSpec(kind=k.kind.value, temperature=k.temperature, beta=k.beta, skew=k.skew,
                            alpha=k.alpha, chunk=k.chunk, topk=k.topk)
         self.teacher, self.with_ce, self.n_groups = teacher, with_ce or k.alpha < 1, n_groups
-        self.chunk_of = {id(m): i for i, m in enumerate(model_chunks)}
         self.tp_group = ps.get_tensor_model_parallel_group() if cfg.parallel.tensor > 1 else None
         self.sp = cfg.parallel.sequence_parallel
         self.shape = (n_groups, len(METRICS) + 1)  # per group: METRICS sums, tokens
 
+    def waves(self, batches: list) -> list[list]:
+        return self.teacher.waves(batches)
+
+    def scored(self, batches: list):
+        """The teacher's phase for these micro-batches, and their hidden states while inside."""
+        return self.teacher.scoring(batches)
+
     def forward_step(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator)
         tokens, pos, labels, mask, attn = _to_device(batch)
-        chunk = self.chunk_of[id(model)]
-        t_hidden = self.teacher.forward(chunk, tokens, pos, attn)  # just in time, this micro-batch
         with final_hidden(model):
             hidden = model(tokens, pos, attn)  # [S(/TP), B, H] on the last stage
         groups = batch.groups if batch.groups is not None else batch.modes
-        return hidden, partial(self.loss, model, t_hidden, labels, mask, groups)
+        # The loss runs on the last stage only, where the teacher phase left the hidden states;
+        # read them from the batch then, not now (other stages have none).
+        return hidden, partial(self.loss, model, batch, labels, mask, groups)
 
-    def loss(self, model, t_hidden, labels, mask, groups, hidden):
+    def loss(self, model, batch: MicroBatch, labels, mask, groups, hidden):
+        t_hidden = batch.teacher_hidden
         # Tokens in [S, B] order, as the hidden states are laid out.
         flat = lambda t: t.t().reshape(-1)  # noqa: E731
         g = flat(groups.to(labels.device)) if groups is not None else torch.zeros_like(flat(labels))
         loss, per_group = fused_kd_loss(
             hidden.reshape(-1, hidden.shape[-1]), output_weight(model), flat(mask).bool(), self.spec,
             teacher_hidden=t_hidden.reshape(-1, t_hidden.shape[-1]),
-            teacher_weight=self.teacher.output_weight(),
+            teacher_weight=self.teacher.head.weight,
             labels=flat(labels) if self.with_ce else None, normalizer=1.0, groups=g,
             n_groups=self.n_groups, group=self.tp_group, sequence_parallel=self.sp,
         )

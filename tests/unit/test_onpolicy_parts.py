@@ -45,14 +45,8 @@ class RecordingTeacher:
     def __init__(self, calls):
         self.calls = calls
 
-    def onload(self):
-        self.calls.append("teacher.onload")
-
-    def offload(self):
-        self.calls.append("teacher.offload")
-
-    def end_step(self):
-        self.calls.append("teacher.end_step")
+    def take_timings(self):
+        self.calls.append("teacher.take_timings")
         return {}
 
 
@@ -111,10 +105,11 @@ def test_colocated_call_order_around_a_step(megatron_world, monkeypatch, toy_ass
         # gives everything back (its weights are replaced after the step)
         "engine.wake_up(kv_cache)", "engine.generate", "engine.prompt_logprobs",
         "engine.sleep(keep_weights=False)",
-        # the trainer's step, teacher on the device only around its forwards
-        # (the two 6-token rollouts packed into one row: one micro-batch)
-        "teacher.onload", "trainer.forward_backward(1 micro-batches)", "teacher.end_step",
-        "trainer.optimizer_step", "teacher.offload",
+        # the trainer's step: the teacher's phase and the student's forward-backward (their
+        # order: tests/unit/test_teacher_phase.py) (the two 6-token rollouts packed into one
+        # row: one micro-batch), then the optimizer
+        "trainer.forward_backward(1 micro-batches)", "teacher.take_timings",
+        "trainer.optimizer_step",
         # the weight sync: the gather streams into the push, then the probe on both sides
         "engine.wake_up(weights)", "trainer.gather_weights", "engine.load_weights(1 tensors)",
         "engine.wake_up(kv_cache)", "engine.prompt_logprobs", "engine.sleep(keep_weights=True)",
