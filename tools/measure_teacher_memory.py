@@ -48,18 +48,9 @@ def _kib(field: str) -> int:
 
 
 def _param_bytes(obj) -> int:
-    """Bytes of the distinct parameters of `obj` (a module, a list of them, or an object with a
-    parameters() method or module attributes, as the teacher is)."""
-    import torch
-
-    if obj is None:
-        return 0
-    if hasattr(obj, "parameters"):
-        params = list(obj.parameters())
-    else:
-        values = obj if isinstance(obj, list) else vars(obj).values()
-        mods = [m for v in values for m in (v if isinstance(v, list) else [v])]
-        params = [p for m in mods if isinstance(m, torch.nn.Module) for p in m.parameters()]
+    """Bytes of the distinct parameters of `obj`: the teacher, or the student's model chunks."""
+    parts = obj if isinstance(obj, list) else [obj] if obj is not None else []
+    params = [p for part in parts for p in part.parameters()]
     return sum({p.data_ptr(): p.numel() * p.element_size() for p in params}.values())
 
 

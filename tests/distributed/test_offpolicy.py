@@ -31,20 +31,21 @@ def assets(toy_assets, student_hf=None) -> list[str]:
 
 
 # name: (processes, overrides). The teacher takes the student's layout where teacher.parallel
-# leaves it null, and its own in the last four: (b) student TP=2+SP, teacher TP=1 DP=2; (c)
-# student PP=2, teacher TP=2; (d) student TP=1 DP=2, teacher PP=2.
+# leaves it null (TP=2+SP), and has its own in the others: (b) student TP=2+SP, teacher TP=1 DP=2;
+# (c) student PP=2, teacher TP=2; (d) student TP=1 DP=2, teacher PP=2; (e) student TP=1 DP=2,
+# teacher TP=2 from a Megatron checkpoint (`qwen3kd convert`: replica ids from the teacher's own
+# data-parallel group, its output layer read by region), in waves of one micro-batch (2 × 128
+# tokens: teacher phase and student forward-backward twice a step, gradients accumulated).
 LAYOUTS = {
     "tp1": (1, []),
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
     "b:s-tp2sp/t-tp1": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
                             "teacher.parallel.tensor=1"]),
     "c:s-pp2/t-tp2": (2, ["parallel.pipeline=2", "teacher.parallel.tensor=2",
                           "teacher.parallel.pipeline=1"]),
     "d:s-dp2/t-pp2": (2, ["teacher.parallel.pipeline=2"]),
-    # (d) in waves of one micro-batch (2 × 128 tokens): teacher phase and student forward-backward
-    # twice a step, gradients accumulated over the waves.
-    "d:waves": (2, ["teacher.parallel.pipeline=2", "teacher.wave_tokens=256"]),
+    "e:s-dp2/t-tp2-megatron-waves": (2, ["teacher.parallel.tensor=2", "teacher.load={megatron}",
+                                         "teacher.tokenizer={tokenizer}", "teacher.wave_tokens=256"]),
 }
 METRICS = ("train/loss", "train/kl", "train/kl/think", "train/kl/no_think", "train/ce")
 
@@ -62,8 +63,12 @@ def test_kd_loss_is_the_same_at_every_student_and_teacher_layout(toy_assets, stu
     """Same data and weights: per-step loss, KL, KL per mode and CE agree within 1e-5 whatever
     the student's layout and the teacher's own. The TP=1 run also points at a tracking server
     nobody listens on: it warns and trains on."""
+    megatron = tmp_path / "teacher-megatron"
+    qwen3kd("convert", str(toy_assets / "teacher"), str(megatron), "--to", "megatron")
+
     def run(name: str) -> str:
         nproc, layout = LAYOUTS[name]
+        layout = [o.format(megatron=megatron, tokenizer=toy_assets / "tokenizer") for o in layout]
         extra = ["tracking.enabled=false"]
         if name == "tp1":
             extra = [f"tracking.uri=http://127.0.0.1:{_port()}", "tracking.timeout_s=2"]

@@ -123,34 +123,46 @@ def each_rank(*args: str, nproc: int = 2, timeout: int = 120) -> list:
 PINNED_READS = {"is_initialized", "get_global_memory_buffer", "get_tensor_model_parallel_group"}
 
 
-@pytest.mark.parametrize("name,preset,layout", [
-    # An MoE teacher at TP=2+SP and EP=2 (its all-reduce / all-gather / reduce-scatter / all-to-all)
-    # under a dense student at TP=1 × DP=2.
+# (name, teacher preset, layout): an MoE teacher at TP=2+SP and EP=2 (its all-reduce / all-gather
+# / reduce-scatter / all-to-all) under a dense student at TP=1 × DP=2; a dense teacher at PP=2 (its
+# point-to-point) under a student at TP=2.
+# Last: the hidden states each rank then holds ([S, B, H_t] per micro-batch: 8 rows a step over
+# the student's data-parallel ranks, 2 per micro-batch).
+ISOLATION = [
     ("moe-tp2-ep2", "tiny-moe-teacher.yaml",
      ["parallel.tensor=1", "teacher.parallel.tensor=2", "teacher.parallel.expert=2",
-      "teacher.parallel.expert_tensor=1"]),
-    # A dense teacher at PP=2 (its point-to-point) under a student at TP=2.
+      "teacher.parallel.expert_tensor=1"], [[128, 2, 96]] * 2),
     ("pp2", "tiny-teacher.yaml", ["parallel.tensor=2", "teacher.parallel.tensor=1",
-                                  "teacher.parallel.pipeline=2"]),
-])
-def test_the_teacher_phase_talks_only_on_teacher_groups(name, preset, layout, toy_assets,
-                                                        student_hf, moe_teacher_hf, tmp_path):
+                                  "teacher.parallel.pipeline=2"], [[128, 2, 128]] * 4),
+]
+
+
+def test_the_teacher_phase_talks_only_on_teacher_groups(toy_assets, student_hf, moe_teacher_hf,
+                                                        tmp_path):
     import json
     import subprocess
     import sys
 
     from helpers import _env, _port
 
-    teacher = moe_teacher_hf if "moe" in preset else toy_assets / "teacher"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_port()}", str(ROOT / "tests" / "distributed" / "teacher_isolation_worker.py"),
-           config_with_teacher(tmp_path, preset), str(tmp_path / "result"),
-           *common(toy_assets, student_hf, teacher), *layout, "eval.interval=0",
-           f"run.dir={tmp_path / 'run'}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-5000:]
-    for rank in (0, 1):
-        r = json.loads((tmp_path / f"result.{rank}").read_text())
-        assert r["foreign"] == [], r["foreign"]
-        assert "all_to_all_single" in r["ops"] and r["teacher_groups_used"] >= 2, r
-        assert set(r["parallel_state"]) == PINNED_READS, r["parallel_state"]
+    def run(name: str, preset: str, layout: list[str], hidden):
+        teacher = moe_teacher_hf if "moe" in preset else toy_assets / "teacher"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_port()}",
+               str(ROOT / "tests" / "distributed" / "teacher_isolation_worker.py"),
+               config_with_teacher(tmp_path, preset), str(tmp_path / name),
+               *common(toy_assets, student_hf, teacher), *layout, "eval.interval=0",
+               f"run.dir={tmp_path / f'run-{name}'}"]
+        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda case: run(*case), ISOLATION))
+    for (name, _, _, hidden), p in zip(ISOLATION, done, strict=True):
+        assert p.returncode == 0, p.stderr[-5000:]
+        for rank in (0, 1):
+            r = json.loads((tmp_path / f"{name}.{rank}").read_text())
+            assert r["foreign"] == [], (name, r["foreign"])
+            assert "all_to_all_single" in r["ops"] and r["teacher_groups_used"] >= 2, (name, r)
+            assert set(r["parallel_state"]) == PINNED_READS, (name, r["parallel_state"])
+            assert r["hidden"] == hidden, (name, r["hidden"])
