@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile cpu-excludes.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -p no:cacheprovider --durations=15 tests
 
 # The embedded default job: the toy strong-to-weak distillation (teacher → teacher answers →
 # off-policy → on-policy vs a control arm → evaluation), ≈ 10 min on 2 cores; the teacher is cached

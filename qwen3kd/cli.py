@@ -6,6 +6,7 @@
     qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
     qwen3kd demo CONFIG [key=value …] [--debug]
     qwen3kd compare [RUN_ID …] [--experiment NAME] --uri URI [--out DIR] [--debug]
+    qwen3kd submit CONFIG --nodes N [--nproc-per-node G] [--command C] [--sbatch ARG …] [key=value …]
 
 Bad input (config, layout, files) ends with one line on stderr and exit status 2; `--debug`
 shows the traceback instead.
@@ -59,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("config", help="experiment YAML (e.g. configs/experiments/demo-arithmetic-cpu.yaml)")
     d.add_argument("overrides", nargs="*", help="key=value overrides")
     d.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    s = sub.add_parser("submit", help="check a job, then queue it on SLURM (launch/slurm/"
+                       "qwen3kd.sbatch): prints the sbatch command")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, passed through unchanged")
+    s.add_argument("--nodes", type=int, required=True, help="nodes (sbatch -N)")
+    s.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (GPUs)")
+    s.add_argument("--command", dest="job_command", default="train",
+                   help="the qwen3kd command the job runs: train (default), generate or eval")
+    s.add_argument("--sbatch", action="append", default=[], metavar="ARG",
+                   help="an sbatch option, e.g. --sbatch=--time=04:00:00 (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="check and print, do not submit")
+    s.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     m = sub.add_parser("compare", help="MLflow runs side by side: key metrics, config "
                        "differences, plots (KL per mode, accuracy per phase)")
     m.add_argument("run_ids", nargs="*", help="MLflow run ids (or use --experiment)")
@@ -119,10 +132,16 @@ def train(args) -> int:
     megatron_patches.apply_all(skip=skip)
     if rank() == 0:
         save_resolved(cfg, Path(cfg.run.dir))
+    from qwen3kd.stop import EXIT_STOPPED, StopRequested, mark_stopped
+
     trainer = Trainer(cfg, layout)
     try:
         trainer.setup()
         trainer.train()
+    except StopRequested as e:
+        log.warning("%s", e)
+        mark_stopped(str(e))
+        return EXIT_STOPPED
     except BaseException:
         trainer.fail()
         raise
@@ -134,8 +153,14 @@ def train(args) -> int:
 def generate(args) -> int:
     from qwen3kd.config.loader import load_config
     from qwen3kd.rollout.generate import run_generate
+    from qwen3kd.stop import EXIT_STOPPED, StopRequested, mark_stopped
 
-    run_generate(load_config(args.config, args.overrides))
+    try:
+        run_generate(load_config(args.config, args.overrides))
+    except StopRequested as e:
+        log.warning("%s", e)
+        mark_stopped(str(e))
+        return EXIT_STOPPED
     return 0
 
 
@@ -174,6 +199,13 @@ def demo(args) -> int:
     sys.stdout.write("\n" + table(summary) + "\n" + verdict(summary) + f"\nsummary: {Path(cfg.run.dir) / 'summary.json'}"
                      + (f"; runs: mlflow ui --backend-store-uri {browse}" if browse else "") + "\n")
     return 0
+
+
+def submit(args) -> int:
+    from qwen3kd.submit import submit as run_submit
+
+    return run_submit(args.job_command, args.config, args.overrides, args.nodes, args.nproc_per_node,
+                      args.sbatch, args.dry_run)
 
 
 def compare(args) -> int:
@@ -223,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.debug)
     try:
         commands = {"train": train, "generate": generate, "eval": evaluate, "convert": convert,
-                    "demo": demo, "compare": compare}
+                    "demo": demo, "compare": compare, "submit": submit}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

@@ -167,6 +167,10 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     layer_impl: LayerImpl = LayerImpl.auto
     log_interval: int = 1
+    # Stop at the next step boundary with a complete checkpoint (exit code 75, qwen3kd/stop.py)
+    # once this many minutes have passed since the job started: a deadline before the scheduler's
+    # wall-clock limit. SIGUSR1 does the same at any time. None: no deadline.
+    exit_after_minutes: float | None = None
 
 
 @dataclass

@@ -375,7 +375,9 @@ def finish(cfg: JobConfig, output: Path, n_shards: int, n_prompts: int) -> Count
 def run_generate(cfg: JobConfig, engine_factory: Callable | None = None) -> Counts:
     """The whole command; `engine_factory(cfg, tokenizer, max_model_len)` replaces vLLM in tests."""
     from qwen3kd.faults import maybe_kill
+    from qwen3kd.stop import StopRequested, StopSignal
 
+    stop = StopSignal(cfg.train.exit_after_minutes)  # before the engine starts (minutes)
     hf = check_generate(cfg)
     prompts = load_prompts(cfg.generate.prompts)
     tok, eot = load_teacher_tokenizer(cfg)
@@ -399,6 +401,9 @@ def run_generate(cfg: JobConfig, engine_factory: Callable | None = None) -> Coun
                 progress.shard_done(i, len(chunk), result.sampled_tokens)
                 # The engine's processes die with this one, as in a crash of the node.
                 maybe_kill("after_shard", i, before=getattr(engine, "kill", None))
+                if stop.local() and i != todo[-1]:  # one process: no ranks to agree with
+                    raise StopRequested(f"stopped after shard {i} ({stop.local()}); the shards "
+                                        "written are complete: the same command continues")
         finally:
             engine.close()
     return finish(cfg, output, n_shards, len(prompts))

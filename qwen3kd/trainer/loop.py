@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: JobConfig, layout: ParallelLayout):
+        from qwen3kd.stop import StopSignal
+
         self.cfg, self.layout = cfg, layout
         self.run_dir = Path(cfg.run.dir)
+        # First thing: a preemption warning during the (long) set-up must not kill the process.
+        self.stop = StopSignal(cfg.train.exit_after_minutes)
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -49,9 +53,7 @@ class Trainer:
         cfg = self.cfg
         teacher_layout = None
         if cfg.teacher is not None:
-            if not cfg.teacher.load:  # every rank, before any collective
-                raise ConfigError("teacher.load: the teacher's weights (a Hugging Face folder or "
-                                  "a Megatron checkpoint) are required")
+            check_teacher_checkpoint(cfg.teacher)  # every rank, before any collective
             from qwen3kd.distributed.layout import teacher_layout as layout_of_teacher
 
             teacher_layout = layout_of_teacher(cfg, self.layout)  # checked by validate already
@@ -195,6 +197,8 @@ class Trainer:
                 interval = self.cfg.checkpoint.interval
                 if interval and step % interval == 0:
                     self.save()
+                if self.stop.agreed():  # the loop boundary: every rank stops here, or none
+                    self.stop_here()
             self.end_phase(last=end == plan[-1][2])
         self.finish()
         return history
@@ -249,6 +253,21 @@ class Trainer:
         if self.hf_source is not None:  # the source may be an older checkpoint, soon pruned
             self.hf_source = path / "hf"
 
+    def stop_here(self) -> None:
+        """Stop early on purpose (qwen3kd/stop.py): a complete checkpoint of this step, the
+        rollout engine shut down, the MLflow run marked KILLED (a resume continues it)."""
+        from qwen3kd.stop import StopRequested
+
+        if self.saved_step != self.progress.step:
+            self.save()
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
+        self.metrics.close(status="KILLED")
+        why = self.stop.local() or "another rank asked"
+        raise StopRequested(f"stopped at step {self.progress.step} ({why}); its checkpoint is "
+                            f"complete: resume=auto continues from it")
+
     def finish(self) -> None:
         if self.cfg.checkpoint.save_final and self.saved_step != self.progress.step:
             self.save()
@@ -261,6 +280,21 @@ class Trainer:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close(status="FAILED")
+
+
+def check_teacher_checkpoint(t) -> None:
+    """teacher.load is set and holds weights of teacher.model (metadata only): a ConfigError that
+    names the file on every rank alike, so none is left waiting in a collective."""
+    from qwen3kd.checkpoint.weights import check_fits
+    from qwen3kd.errors import DataError
+
+    if not t.load:
+        raise ConfigError("teacher.load: the teacher's weights (a Hugging Face folder or a "
+                          "Megatron checkpoint) are required")
+    try:
+        check_fits(Path(t.load), t.model)
+    except DataError as e:
+        raise ConfigError(f"teacher.load: {str(e).replace(' model.', ' teacher.model.')}") from None
 
 
 def run_schedule(model: list, objective, batches: list, t, reports: bool,
