@@ -8,7 +8,7 @@
 # Nothing global is exported: clients find the cluster through SLURM_CONF, e.g.
 #   eval "$(launch/slurm/cluster.sh up 2)"   or   eval "$(launch/slurm/cluster.sh env)"
 # `up` exits 3 with one line on stderr when it cannot work here (not root, no apt-get): tests skip.
-# Facts and pitfalls behind each choice: shared/notes/slurm-local.md ("pitfall N" below).
+# Each choice below says which failure it avoids: all were seen on this kind of machine.
 set -euo pipefail
 DIR=${QWEN3KD_SLURM_DIR:-/tmp/qwen3kd-slurm}
 CONF=$DIR/slurm.conf
@@ -38,7 +38,7 @@ hosts_del() { local rest; [ -w /etc/hosts ] || return 0
 stop_slurm() { local f a=("$DIR/run/slurmctld.pid:slurmctld" "$@")
   for f in "$DIR"/run/slurmd-*.pid; do if [ -e "$f" ]; then a+=("$f:slurmd"); fi; done
   stop "${a[@]}"; }
-start_munge() {  # $1 = key file. munged refuses to run as root (log ownership): as munge (pitfall 1).
+start_munge() {  # $1 = key file. munged refuses to run as root (log ownership): as munge.
   runuser -u munge -- munged --key-file="$1" --socket="$DIR/munge/munge.socket" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
     --seed-file="$DIR/munge/munged.seed" </dev/null >>"$DIR/log/daemons.out" 2>&1; }
@@ -47,7 +47,7 @@ fail() { log "$1"; [ -z "$(alive "$DIR/run/slurmctld.pid" slurmctld)" ] || SLURM
 
 down() {
   if [ -n "$(alive "$DIR/run/slurmctld.pid" slurmctld)" ]; then
-    # Jobs first: their steps (slurmstepd) outlive slurmd (pitfall 7). Wait a bit for them to end.
+    # Jobs first: their steps (slurmstepd) outlive slurmd. Wait a bit for them to end.
     SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null | xargs -r env SLURM_CONF="$CONF" scancel || true
     for _ in $(seq 30); do [ -z "$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
   fi
@@ -64,8 +64,7 @@ ClusterName=qwen3kd-local
 SlurmctldHost=localhost
 SlurmctldPort=$PORT
 # auth/munge, cred/munge, sched/backfill, SlurmUser=root are defaults. Our own munged socket;
-# cred_expire=10 (default 120) + 5 s scheduler passes: a requeued job reruns after ~15 s, not ~156 s
-# (pitfall 6).
+# cred_expire=10 (default 120) + 5 s scheduler passes: a requeued job reruns after ~15 s, not ~156 s.
 AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
@@ -73,7 +72,7 @@ SelectTypeParameters=CR_Core
 JobRequeue=1
 ReturnToService=2
 MailProg=/bin/true
-# Fake nodes cannot match the hardware description exactly (pitfall 4).
+# Fake nodes cannot match the hardware description exactly.
 SlurmdParameters=config_overrides
 ProctrackType=proctrack/$2
 TaskPlugin=$([ "$2" = cgroup ] && echo task/cgroup || echo task/none)
@@ -89,12 +88,12 @@ EOF
       "CPUs=$cpus RealMemory=1000 State=UNKNOWN" >> "$CONF"
   done
   echo "PartitionName=local Nodes=node[1-$n] Default=YES MaxTime=INFINITE State=UP" >> "$CONF"
-  # ConstrainCores=no, or every fake node's tasks get pinned to CPU 0 (pitfall 5).
+  # ConstrainCores=no, or every fake node's tasks get pinned to CPU 0.
   printf 'CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n' > "$DIR/cgroup.conf"
 }
 
 start_slurm() {  # $1 = nodes; returns 1 if a slurmd does not come up
-  local i  # Daemon mode, pid files, stdio detached: a `-D &` daemon keeps a CI log pipe open (pitfall 7).
+  local i  # Daemon mode, pid files, stdio detached: a `-D &` daemon keeps a CI log pipe open.
   slurmctld -f "$CONF" </dev/null >>"$DIR/log/daemons.out" 2>&1 || return 1
   for i in $(seq "$1"); do
     mkdir -p "$DIR/spool/node$i"
@@ -126,7 +125,7 @@ up() {
   for i in $PORT $(seq $((PORT + 4)) $((PORT + 3 + n))); do
     if (: </dev/tcp/127.0.0.1/"$i") 2>/dev/null; then
       log "port $i already in use (another slurm?); set QWEN3KD_SLURM_PORT"; exit 1; fi; done
-  # Fresh state: slurmctld state from another ClusterName is fatal (pitfall 8); old logs mislead.
+  # Fresh state: slurmctld state from another ClusterName is fatal; old logs mislead.
   rm -rf "$DIR/ctld" "$DIR/spool" "$DIR/log" "$DIR/run"
   mkdir -p "$DIR/ctld" "$DIR/spool" "$DIR/log" "$DIR/run"
   install -d -o munge -g munge -m 0755 "$DIR/munge"   # clients need x on the socket's dir
@@ -136,10 +135,10 @@ up() {
     chown munge:munge "$key"; chmod 0400 "$key"
   fi
   start_munge "$key" || fail "munged failed to start"
-  # Fake node names must resolve, or torchrun's rendezvous fails after ~106 s (pitfall 3).
+  # Fake node names must resolve, or torchrun's rendezvous fails after ~106 s.
   hosts_del
   for i in $(seq "$n"); do echo "127.0.0.1 node$i $TAG" >> /etc/hosts; done
-  # proctrack/cgroup leaks nothing; if this kernel/sandbox refuses it, proctrack/pgid (pitfall 5).
+  # proctrack/cgroup leaks nothing; if this kernel/sandbox refuses it, proctrack/pgid.
   local pt=${QWEN3KD_SLURM_PROCTRACK:-cgroup}
   write_conf "$n" "$pt"
   if ! start_slurm "$n"; then

@@ -253,3 +253,30 @@ def test_resume_skips_written_shards_and_refuses_other_settings(tmp_path, toy_as
 
     with pytest.raises(ConfigError, match=r"generate.shard_size: 16 -> 8"):
         run_generate(load_config(cfg_path, ["generate.shard_size=8"]), factory)
+
+
+def test_a_deadline_stops_generate_between_shards_and_the_rerun_continues(tmp_path, toy_assets,
+                                                                         monkeypatch):
+    """Past train.exit_after_minutes (from the job's start), generate stops after the shard it is
+    writing (StopRequested: the CLI exits 75, the SLURM script requeues); the rerun writes the rest."""
+    import time
+
+    from qwen3kd.rollout.generate import run_generate, shard_path
+    from qwen3kd.stop import StopRequested
+
+    path = write_config(tmp_path, toy_assets / "teacher", toy_assets / "prompts.jsonl")
+    engines = []
+
+    def factory(cfg, tokenizer, max_len):
+        engines.append(FakeEngine(tokenizer))
+        return engines[-1]
+
+    monkeypatch.setenv("QWEN3KD_JOB_START", str(time.time() - 120))
+    with pytest.raises(StopRequested, match="stopped after shard 0"):
+        run_generate(load_config(path, ["train.exit_after_minutes=1"]), factory)
+    out = Path(load_config(path).generate.output)
+    assert [shard_path(out, i).is_file() for i in range(4)] == [True, False, False, False]
+    assert engines[0].closed
+    monkeypatch.delenv("QWEN3KD_JOB_START")
+    run_generate(load_config(path), factory)
+    assert all(shard_path(out, i).is_file() for i in range(4)) and len(engines[1].calls) == 3
