@@ -65,3 +65,4 @@ def global_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         dcp_to_torch_save(str(ckpt), str(out))
     state = torch.load(out, weights_only=False)
     return {k: v for k, v in state.items() if torch.is_tensor(v) and "optimizer." not in k}
+

@@ -23,6 +23,7 @@ gradients, no optimizer, no checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -136,9 +137,8 @@ class Teacher:
     def score(self, batches: list) -> None:
         """The teacher phase: each micro-batch of the student's last stage gets `teacher_hidden`,
         the teacher's final hidden states of its tokens [S(/TP), B, H_t]."""
-        t = self.train
         start = time.perf_counter()
-        ex = Exchange(self.student, self.layout, len(batches), t.seq_length, t.micro_batch_size)
+        ex = self._exchange(len(batches))
         from qwen3kd.trainer.objectives import device
 
         local = [torch.stack([mb.tokens, mb.position_ids, _segments(mb)]).to(device())
@@ -157,6 +157,13 @@ class Teacher:
             self.timings["teacher/payload_mb"] = max(self.timings["teacher/payload_mb"], mb_bytes / 2**20)
         self.timings["time/teacher_forward"] += end - mid
         self.timings["time/teacher_exchange"] += (mid - start) + time.perf_counter() - end
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (one Teacher per process)
+    def _exchange(self, n: int) -> Exchange:
+        """The routing of a wave of n micro-batches: a pure function of the layouts, built once
+        per wave size, not at every step (its routes cover every rank of the job)."""
+        t = self.train
+        return Exchange(self.student, self.layout, n, t.seq_length, t.micro_batch_size)
 
     def _forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The teacher's forward-only schedule over its replica's micro-batches ([3, B, S] each);

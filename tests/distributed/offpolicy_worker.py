@@ -6,21 +6,11 @@ import os
 import sys
 
 import torch
-
-import megatron_patches
-from qwen3kd.config.loader import load_config
-from qwen3kd.log import setup_logging
-from qwen3kd.trainer.loop import Trainer
+from inprocess import trainer_in_process
 
 
 def main(config: str, out: str, *overrides: str) -> None:
-    setup_logging()
-    megatron_patches.apply_all()
-    cfg = load_config(config, list(overrides))
-    from qwen3kd.config.validate import validate
-
-    trainer = Trainer(cfg, validate(cfg))
-    trainer.setup()
+    trainer = trainer_in_process(config, list(overrides))
     teacher = list(trainer.teacher.parameters())
     before = [p.detach().clone() for p in teacher]
     history = trainer.train()

@@ -6,21 +6,12 @@ import json
 import os
 import sys
 
+from inprocess import trainer_in_process
 from tracing import trace_collectives, trace_parallel_state
-
-import megatron_patches
-from qwen3kd.config.loader import load_config
-from qwen3kd.config.validate import validate
-from qwen3kd.log import setup_logging
-from qwen3kd.trainer.loop import Trainer
 
 
 def main(config: str, out: str, *overrides: str) -> None:
-    setup_logging()
-    megatron_patches.apply_all()
-    cfg = load_config(config, list(overrides))
-    trainer = Trainer(cfg, validate(cfg))
-    trainer.setup()
+    trainer = trainer_in_process(config, list(overrides))
     teacher = trainer.teacher
     batches, _ = trainer.next_batches()
     mine = teacher.groups.all()
