@@ -56,3 +56,14 @@ def scripted_model(toy_assets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("scripted")
     return out, save_scripted_qwen3(out, toy_assets / "tokenizer", SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def onpolicy_run(toy_assets, tmp_path_factory) -> Path:
+    """The run directory of one uninterrupted on-policy run (onpolicy_args, MLflow on): what
+    tests/distributed/test_onpolicy.py checks, and the reference of the preempted SLURM job."""
+    from helpers import onpolicy_args, qwen3kd
+
+    run = tmp_path_factory.mktemp("onpolicy") / "clean"
+    qwen3kd("train", *onpolicy_args(toy_assets), f"run.dir={run}", nproc=2, timeout=400)
+    return run

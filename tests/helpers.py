@@ -1,14 +1,14 @@
-"""Run the real `qwen3kd` CLI in subprocesses (single process, or torchrun with gloo)."""
+"""Run the real `qwen3kd` CLI and the torchrun worker scripts in processes of their own (one, or
+one per rank with gloo), started by tests/launcher.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from launcher import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke"
@@ -23,27 +23,34 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def qwen3kd(*args: str, nproc: int = 1, timeout: int = 300, check: bool = True,
-            env: dict[str, str] | None = None):
-    """`qwen3kd ARGS` (nproc == 1) or `torchrun --nproc_per_node NPROC -m qwen3kd.cli ARGS`."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "qwen3kd.cli", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_port()}", "-m", "qwen3kd.cli", *args,
-        ]
-    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True,
-                       text=True, timeout=timeout)
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`qwen3kd ARGS` as one process, or as NPROC ranks as torchrun starts them (tests/launcher.py)."""
+    return _checked(launch("qwen3kd.cli", list(args), {**_env(), **(env or {})}, nproc=nproc,
+                           timeout=timeout)[0], check)
+
+
+def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """A worker script (tests/distributed/*_worker.py) as NPROC ranks, as torchrun starts them."""
+    return _checked(launch(str(script), list(args), _env(), nproc=nproc, timeout=timeout)[0], check)
+
+
+def _checked(p: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(p.args)} exited {p.returncode}\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-6000:]}")
     return p
+
+
+def onpolicy_args(a: Path) -> list[str]:
+    """The on-policy smoke config (2 off-policy steps, then on-policy steps 3..5, vLLM on rank 0)
+    on the toy assets, at the layout of the SLURM jobs (one process on each of 2 nodes): the
+    student at TP=1 × DP=2, the teacher at a layout of its own, TP=2."""
+    return [str(SMOKE / "onpolicy-tiny.yaml"), f"data.path={a / 'train.jsonl'}",
+            f"data.eval_path={a / 'eval.jsonl'}", f"data.tokenizer={a / 'tokenizer'}",
+            f"teacher.load={a / 'teacher'}", f"onpolicy.prompts={a / 'prompts.jsonl'}",
+            "parallel.tensor=1", "teacher.parallel.tensor=2"]
 
 
 def last_checkpoint(run_dir: Path) -> Path:

@@ -5,12 +5,9 @@ exactly the folder's tensors back from each of those layouts."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import ROOT, _env, _port, qwen3kd
+from helpers import ROOT, qwen3kd, torchrun
 from hf_models import hf_logits, save_tiny_hf
 
 from qwen3kd.config.loader import load_config
@@ -55,11 +52,8 @@ def test_layout_logits_match_transformers(hf_folders, case, tmp_path):
     preset, model_overrides, layout = CASES[case]
     hf_dir, megatron_dir, ref = hf_folders[(preset, tuple(model_overrides))]
     out = tmp_path / "logits"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-           str(ROOT / "tests/distributed/hf_logits_worker.py"), f"{hf_dir},{megatron_dir}", str(out),
-           str(MODELS / f"{preset}.yaml"), *model_overrides, *layout]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+    torchrun(ROOT / "tests/distributed/hf_logits_worker.py", f"{hf_dir},{megatron_dir}", str(out),
+             str(MODELS / f"{preset}.yaml"), *model_overrides, *layout)
     assert ref.abs().max() > 0.1  # the model says something
     for source in (0, 1):  # loaded directly, then converted
         ours = torch.load(f"{out}.{source}.pt")

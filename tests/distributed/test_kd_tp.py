@@ -4,12 +4,11 @@ all-reduce), with and without sequence parallelism, chunked and not, equals the 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, _env, _port
+from helpers import ROOT, torchrun
 
 from qwen3kd.losses.reference import kd_loss
 
@@ -21,10 +20,7 @@ from kd_tp_worker import CASES, inputs  # noqa: E402
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("kd") / "results.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-           str(ROOT / "tests/distributed/kd_tp_worker.py"), str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+    torchrun(ROOT / "tests/distributed/kd_tp_worker.py", str(out))
     return torch.load(out)
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import ROOT, SMOKE, _env, _port, global_weights, last_checkpoint, qwen3kd
+from helpers import ROOT, SMOKE, global_weights, last_checkpoint, qwen3kd, torchrun
+from launcher import free_port
 
 from qwen3kd.config.loader import load_config
 from qwen3kd.data.chat import load_tokenizer
@@ -71,7 +70,7 @@ def test_kd_loss_is_the_same_at_every_student_and_teacher_layout(toy_assets, stu
         layout = [o.format(megatron=megatron, tokenizer=toy_assets / "tokenizer") for o in layout]
         extra = ["tracking.enabled=false"]
         if name == "tp1":
-            extra = [f"tracking.uri=http://127.0.0.1:{_port()}", "tracking.timeout_s=2"]
+            extra = [f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.timeout_s=2"]
         return qwen3kd("train", CONFIG, *assets(toy_assets, student_hf), "parallel.tensor=1",
                        *layout, "train.steps=3", "optim.warmup_steps=1", "eval.interval=0",
                        "checkpoint.save_final=false", f"run.dir={tmp_path / name}", *extra,
@@ -88,13 +87,10 @@ def test_kd_loss_is_the_same_at_every_student_and_teacher_layout(toy_assets, stu
 def test_the_teacher_gets_no_gradient_no_optimizer_state_and_its_payload_goes(toy_assets, tmp_path):
     """PP=2 (the teacher too): no teacher gradient or optimizer state, weights unchanged."""
     out = tmp_path / "result"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_port()}", str(ROOT / "tests" / "distributed" / "offpolicy_worker.py"),
-           CONFIG, str(out), *assets(toy_assets), "parallel.tensor=1", "parallel.pipeline=2",
-           "train.steps=2", "optim.warmup_steps=1", "eval.interval=0", "checkpoint.save_final=false",
-           "tracking.enabled=false", f"run.dir={tmp_path / 'run'}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-5000:]
+    torchrun(ROOT / "tests" / "distributed" / "offpolicy_worker.py", CONFIG, str(out),
+             *assets(toy_assets), "parallel.tensor=1", "parallel.pipeline=2", "train.steps=2",
+             "optim.warmup_steps=1", "eval.interval=0", "checkpoint.save_final=false",
+             "tracking.enabled=false", f"run.dir={tmp_path / 'run'}")
     for rank in (0, 1):
         r = json.loads((tmp_path / f"result.{rank}").read_text())
         assert r["teacher_params"] > 0 and r["student_grads"] == r["student_params"]

@@ -2,11 +2,10 @@
 off-policy → on-policy hand-over, per-mode metrics in MLflow, the weight sync checked by the
 staleness probe, a dead engine stopping the run with its last checkpoint intact, and a resume at
 another layout (PP=2) that syncs the engine from the resumed weights; the teacher at a layout of
-its own in both."""
+its own in both. The clean run is the session's `onpolicy_run` (tests/conftest.py), which the
+SLURM tests also compare with."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import SMOKE, global_weights, last_checkpoint, qwen3kd
@@ -24,18 +23,11 @@ def assets(a) -> list[str]:
             f"onpolicy.prompts={a / 'prompts.jsonl'}"]
 
 
-def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, tmp_path):
+def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, onpolicy_run, tmp_path):
     from mlflow import MlflowClient
 
-    clean, drill = tmp_path / "clean", tmp_path / "drill"
-    with ThreadPoolExecutor(2) as pool:  # side by side: each spends most of its time starting vLLM
-        # The teacher at its own layout: TP=1 × DP=2 under the student's TP=2.
-        ok = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={clean}",
-                         "teacher.parallel.tensor=1", nproc=2, timeout=400)
-        dead = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={drill}",
-                           "checkpoint.interval=1", "tracking.enabled=false", nproc=2, timeout=400,
-                           check=False, env={"QWEN3KD_FAULT": "engine_dead@4"})
-    ok.result()
+    # The teacher at its own layout: TP=2 under the student's TP=1 × DP=2.
+    clean, drill = onpolicy_run, tmp_path / "drill"
     m = read_metrics(clean)
     assert [x["step"] for x in m if "train/loss" in x] == [1, 2, 3, 4, 5]
     onpolicy = [x for x in m if "rollout/answers/think" in x or "rollout/answers/no_think" in x]
@@ -65,9 +57,11 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, tmp_path):
     # Off-policy hands over a checkpoint at its last step; the run ends with one at step 5.
     assert last_checkpoint(clean).name == "step_0000005"
 
-    # The drill: the engine's processes die before step 4's rollouts; the run stops with a clear
-    # error naming its last checkpoint, which is complete and loadable.
-    p = dead.result()
+    # The drill (student TP=2, the teacher too): the engine's processes die before step 4's
+    # rollouts; the run stops with a clear error naming its last checkpoint, complete and loadable.
+    p = qwen3kd("train", CONFIG, *assets(toy_assets), f"run.dir={drill}", "checkpoint.interval=1",
+                "tracking.enabled=false", nproc=2, timeout=400, check=False,
+                env={"QWEN3KD_FAULT": "engine_dead@4"})
     assert p.returncode != 0
     assert "step 4: the rollout engine failed: its processes" in p.stderr, p.stderr[-4000:]
     assert "its last checkpoint" in p.stderr and "step_0000003" in p.stderr

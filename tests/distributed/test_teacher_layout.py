@@ -96,23 +96,11 @@ def each_rank(*args: str, nproc: int = 2, timeout: int = 120) -> list:
     """`qwen3kd ARGS` as the ranks of one job, started the way torchrun starts them but without
     its agent, which would kill the other ranks when the first exits: each must exit by itself
     (a rank that entered a collective would wait for the others until the timeout)."""
-    import subprocess
-    import sys
+    from helpers import _env
+    from launcher import launch
 
-    from helpers import _env, _port
-
-    port, procs = _port(), []
-    for rank in range(nproc):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "qwen3kd.cli", *args], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    return launch("qwen3kd.cli", list(args), _env(), nproc=nproc, timeout=timeout, separate=True,
+                  stop_others=False)
 
 
 # The megatron parallel_state functions the teacher phase may read (megatron-core 0.16.1): none
@@ -140,21 +128,15 @@ ISOLATION = [
 def test_the_teacher_phase_talks_only_on_teacher_groups(toy_assets, student_hf, moe_teacher_hf,
                                                         tmp_path):
     import json
-    import subprocess
-    import sys
 
-    from helpers import _env, _port
+    from helpers import torchrun
 
     def run(name: str, preset: str, layout: list[str], hidden):
         teacher = moe_teacher_hf if "moe" in preset else toy_assets / "teacher"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master_port={_port()}",
-               str(ROOT / "tests" / "distributed" / "teacher_isolation_worker.py"),
-               config_with_teacher(tmp_path, preset), str(tmp_path / name),
-               *common(toy_assets, student_hf, teacher), *layout, "eval.interval=0",
-               f"run.dir={tmp_path / f'run-{name}'}"]
-        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                              timeout=300)
+        return torchrun(ROOT / "tests" / "distributed" / "teacher_isolation_worker.py",
+                        config_with_teacher(tmp_path, preset), str(tmp_path / name),
+                        *common(toy_assets, student_hf, teacher), *layout, "eval.interval=0",
+                        f"run.dir={tmp_path / f'run-{name}'}", check=False)
 
     with ThreadPoolExecutor(2) as pool:
         done = list(pool.map(lambda case: run(*case), ISOLATION))

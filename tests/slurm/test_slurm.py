@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, SMOKE, _env, last_checkpoint, qwen3kd
+from helpers import ROOT, SMOKE, _env, last_checkpoint, onpolicy_args, qwen3kd
 
 from qwen3kd.tracking import read_metrics
 
@@ -163,27 +163,24 @@ def test_bad_input_fails_before_anything_is_queued(slurm, toy_assets, tmp_path):
     assert before == after == ""
 
 
-def test_an_onpolicy_run_stopped_during_its_rollouts_resumes_bitwise(slurm, toy_assets, tmp_path):
+def test_an_onpolicy_run_stopped_during_its_rollouts_resumes_bitwise(slurm, toy_assets, onpolicy_run,
+                                                                     tmp_path):
     """2 off-policy steps, then on-policy steps 3..5 (vLLM on rank 0): USR1 right after the
     engine got its first weights (the probe at step 2), i.e. during step 3's rollouts; the run
     stops after step 3, the engine is shut down, and the requeued job starts it again from the
-    resumed weights. Every step's loss equals the uninterrupted run's."""
-    a = toy_assets
-    args = [str(SMOKE / "onpolicy-tiny.yaml"), f"data.path={a / 'train.jsonl'}",
-            f"data.eval_path={a / 'eval.jsonl'}", f"data.tokenizer={a / 'tokenizer'}",
-            f"teacher.load={a / 'teacher'}", f"onpolicy.prompts={a / 'prompts.jsonl'}",
-            "parallel.tensor=1", "tracking.enabled=false"]
-    cut, ref = tmp_path / "cut", tmp_path / "ref"
-    job = sbatch(slurm, tmp_path, "train", *args, f"run.dir={cut}")
+    resumed weights. Every step's loss equals the uninterrupted run's (tests/conftest.py's
+    onpolicy_run, the same settings on one node)."""
+    cut = tmp_path / "cut"
+    job = sbatch(slurm, tmp_path, "train", *onpolicy_args(toy_assets), "tracking.enabled=false",
+                 f"run.dir={cut}")
     end = time.time() + 300
     while not any("rollout/probe_gap" in m for m in
                   (read_metrics(cut) if (cut / "metrics.jsonl").is_file() else [])):
         assert time.time() < end, "no weight sync after 300 s"
         time.sleep(0.3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    qwen3kd("train", *args, f"run.dir={ref}", nproc=2, timeout=400)
     wait_gone(slurm, job, timeout=600)
     log = (tmp_path / f"{job}.log").read_text()
     assert "stopped at step 3 (SIGUSR1)" in log and f"job {job}, start 2" in log, log[-4000:]
     assert f"resumed from {cut}/checkpoints/step_0000003" in log, log[-4000:]
-    assert losses(cut) == losses(ref) and sorted(losses(ref)) == [1, 2, 3, 4, 5]
+    assert losses(cut) == losses(onpolicy_run) and sorted(losses(cut)) == [1, 2, 3, 4, 5]
