@@ -49,12 +49,13 @@ def write_chat(path: Path, n: int, seed: int) -> Path:
 
 
 def write_prompts(path: Path, n: int, seed: int) -> Path:
-    """Questions alone, for rollouts and data generation; every fourth line fixes its mode."""
+    """Questions alone with their reference answers, for rollouts, data generation and rewards;
+    every fourth line fixes its mode."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        user = conversation(rng, "think")["messages"][0]
-        line = {"messages": [user]}
+        user, reply = conversation(rng, "think")["messages"]
+        line = {"messages": [user], "answer": reply["content"].split("= ")[1].rstrip(".")}
         if i % 4 == 3:
             line["mode"] = "no_think"
         lines.append(json.dumps(line))

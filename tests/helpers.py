@@ -44,13 +44,13 @@ def _checked(p: subprocess.CompletedProcess, check: bool) -> subprocess.Complete
 
 
 def onpolicy_args(a: Path) -> list[str]:
-    """The on-policy smoke config (2 off-policy steps, then on-policy steps 3..5, vLLM on rank 0)
-    on the toy assets, at the layout of the SLURM jobs (one process on each of 2 nodes): the
-    student at TP=1 × DP=2, the teacher at a layout of its own, TP=2."""
+    """The on-policy smoke config (2 off-policy steps, then on-policy steps 3..5) on the toy
+    assets, at the layout of the SLURM jobs (one process on each of 2 nodes): the student at TP=2
+    (one replica: one vLLM engine, on rank 0), the teacher at a layout of its own, TP=1 × DP=2."""
     return [str(SMOKE / "onpolicy-tiny.yaml"), f"data.path={a / 'train.jsonl'}",
             f"data.eval_path={a / 'eval.jsonl'}", f"data.tokenizer={a / 'tokenizer'}",
             f"teacher.load={a / 'teacher'}", f"onpolicy.prompts={a / 'prompts.jsonl'}",
-            "parallel.tensor=1", "teacher.parallel.tensor=2"]
+            "parallel.tensor=2", "teacher.parallel.tensor=1"]
 
 
 def last_checkpoint(run_dir: Path) -> Path:

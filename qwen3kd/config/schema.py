@@ -75,6 +75,13 @@ class KDKind(str, Enum):
     skew_reverse_kl = "skew_reverse_kl"
 
 
+class OnPolicyObjective(str, Enum):
+    """What the on-policy phase minimises on the student's own answers."""
+
+    kd = "kd"  # onpolicy.kd_kind to the teacher's distribution at every answer token (distillation)
+    grpo = "grpo"  # policy gradient on a verifier's reward, group-normalised (reinforcement learning)
+
+
 class Phase(str, Enum):
     """A distillation phase (DESIGN.md); a run lists its phases in order in `phases`."""
 
@@ -312,6 +319,16 @@ class OnPolicyConfig:
     # samples (Qwen3 report, after Agarwal et al. 2024, GKD). The teacher scores at T = 1 (its
     # plain distribution), whatever the rollout temperature: that only sets how the student explores.
     kd_kind: KDKind = KDKind.reverse_kl
+    objective: OnPolicyObjective = OnPolicyObjective.kd
+    # Answers per prompt: a group shares the prompt and its mode, each answer has its own seed.
+    # The step's rollouts are batch_size = prompts × group_size. GRPO needs ≥ 2 (its baseline is
+    # the group's mean reward); with the same value, the kd and grpo arms of an experiment see the
+    # same prompts, modes and sampling seeds at every step (common random numbers).
+    group_size: int = 1
+    # The reward (qwen3kd/rollout/verifiers.py, by name): grpo trains on it; every run whose prompts
+    # all have an "answer" reports it (rollout/reward/MODE).
+    verifier: str = "exact_match"
+    grpo_eps: float = 1.0e-6  # advantage = (r − group mean) / (group std + grpo_eps)
 
 
 @dataclass
@@ -336,6 +353,10 @@ class AccuracyConfig:
     max_new_tokens: int = 256
     thinking_budget: int | None = None  # as rollout.thinking_budget; None: think freely
     tokenizer: str | None = None  # None: the tokenizer files of the first model
+    # pass@k: answers per problem and mode sampled at temperature 1 (0: greedy accuracy only),
+    # and the k reported (each ≤ samples).
+    samples: int = 0
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
 
 
 @dataclass

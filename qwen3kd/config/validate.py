@@ -163,7 +163,7 @@ def check_rollout(cfg: JobConfig, head_dim: int) -> None:
 
 
 def _check_phases(cfg: JobConfig, dp: int, check_files: bool = True) -> None:
-    from qwen3kd.config.schema import Phase
+    from qwen3kd.config.schema import OnPolicyObjective, Phase
 
     phases = list(cfg.phases)
     if not phases or len(set(phases)) != len(phases):
@@ -182,9 +182,20 @@ def _check_phases(cfg: JobConfig, dp: int, check_files: bool = True) -> None:
         raise ConfigError(f"onpolicy.prompts: file not found: {o.prompts}")
     if not 0 <= o.think_ratio <= 1:
         raise ConfigError(f"onpolicy.think_ratio must be in [0, 1], got {o.think_ratio}")
-    if o.batch_size is not None and (o.batch_size < 1 or o.batch_size % dp):
-        raise ConfigError(f"onpolicy.batch_size={o.batch_size} must be a positive multiple of the "
-                          f"data-parallel size {dp}")
+    batch = o.batch_size if o.batch_size is not None else cfg.train.global_batch_size
+    if o.group_size < 1 or (o.objective is OnPolicyObjective.grpo and o.group_size < 2):
+        raise ConfigError(f"onpolicy.group_size={o.group_size} must be >= 1 (>= 2 for "
+                          f"onpolicy.objective=grpo: its baseline is the group's mean reward)")
+    if batch < 1 or batch % (dp * o.group_size):
+        raise ConfigError(f"onpolicy.batch_size={batch} must be a positive multiple of the "
+                          f"data-parallel size {dp} × onpolicy.group_size={o.group_size} (a "
+                          f"group's answers stay on one replica)")
+    from qwen3kd.rollout.verifiers import VERIFIERS
+
+    if o.verifier not in VERIFIERS:
+        raise ConfigError(f"onpolicy.verifier={o.verifier!r}: not one of {', '.join(VERIFIERS)}")
+    if o.grpo_eps <= 0:
+        raise ConfigError(f"onpolicy.grpo_eps must be > 0, got {o.grpo_eps}")
     if not cfg.data.tokenizer and not cfg.checkpoint.load:
         raise ConfigError("phases: onpolicy renders prompts with the student's tokenizer: set "
                           "data.tokenizer (or checkpoint.load to a folder with tokenizer files)")

@@ -21,6 +21,7 @@ class Row:
     mask: np.ndarray  # [n − 1] float32: 1 where the label ids[t + 1] is learned
     segments: np.ndarray | None = None  # [n] which packed sample each token belongs to
     modes: np.ndarray | None = None  # [n − 1] mode id of each label (chat data)
+    advantages: np.ndarray | None = None  # [n − 1] float32 per label (policy-gradient rollouts)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class MicroBatch:
     segments: torch.Tensor | None = None  # [B, S] packed-sample id per position, -1 for padding
     modes: torch.Tensor | None = None  # [B, S] int64 mode id per label (0 where unmasked)
     groups: torch.Tensor | None = None  # [B, S] int64 metric group per label (evaluation)
+    advantages: torch.Tensor | None = None  # [B, S] float per label (GRPO; 0 where unmasked)
+    n_tokens: int = 0  # input positions holding tokens (not padding): what a forward computes on
     # The teacher's final hidden states of these tokens [S(/TP), B, H_t], on the student's last
     # stage, during the step only (teacher/frozen.py sets and releases it).
     teacher_hidden: torch.Tensor | None = None
@@ -70,6 +73,7 @@ def collate(rows: list[Row], seq: int) -> MicroBatch:
     packed = any(r.segments is not None for r in rows)
     segments = np.full((b, seq + 1), -1, dtype=np.int64)
     modes = np.zeros((b, seq), dtype=np.int64)
+    adv = np.zeros((b, seq), dtype=np.float32)
     for j, r in enumerate(rows):
         n = len(r.ids)
         ids[j, :n] = r.ids
@@ -77,6 +81,8 @@ def collate(rows: list[Row], seq: int) -> MicroBatch:
         segments[j, :n] = r.segments if r.segments is not None else 0
         if r.modes is not None:
             modes[j, : n - 1] = r.modes
+        if r.advantages is not None:
+            adv[j, : n - 1] = r.advantages
     seg = segments[:, :-1]
     # Position within the sample: index minus the sample's first index.
     starts = np.maximum.accumulate(
@@ -89,6 +95,8 @@ def collate(rows: list[Row], seq: int) -> MicroBatch:
         position_ids=torch.from_numpy(np.arange(seq)[None, :] - starts),
         segments=torch.from_numpy(np.ascontiguousarray(seg)) if packed else None,
         modes=torch.from_numpy(modes) if any(r.modes is not None for r in rows) else None,
+        advantages=torch.from_numpy(adv) if any(r.advantages is not None for r in rows) else None,
+        n_tokens=int((seg >= 0).sum()),
     )
 
 
@@ -149,11 +157,14 @@ def pack_rows(rows: list[Row], seq: int) -> list[Row]:
         parts = [rows[i] for i in group]
         # A sample's last position would predict the next sample's first token: never learned.
         mask = np.concatenate([np.append(r.mask, 0.0) for r in parts])[:-1].astype(np.float32)
-        modes = None
+        modes = adv = None
         if parts[0].modes is not None:
             modes = np.concatenate([np.append(r.modes, 0) for r in parts])[:-1]
+        if parts[0].advantages is not None:
+            adv = np.concatenate([np.append(r.advantages, 0.0) for r in parts])[:-1].astype(np.float32)
         out.append(Row(ids=np.concatenate([r.ids for r in parts]), mask=mask, modes=modes,
-                       segments=np.concatenate([np.full(len(r.ids), k) for k, r in enumerate(parts)])))
+                       segments=np.concatenate([np.full(len(r.ids), k) for k, r in enumerate(parts)]),
+                       advantages=adv))
     return out
 
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,12 @@ class StageError(RuntimeError):
     """A stage's command failed; the message names the stage and its log."""
 
 
+PROGRESS_S = 15.0
+# The trainer's progress line ("[####....] step 120/800  loss …  eta 95s") and generate's
+# ("shard 3/8: 192/512 prompts done, … ETA 40 s"): what to echo of a stage's output.
+_PROGRESS = re.compile(r"(?:step (\d+)/(\d+)|shard \d+/\d+).*?(?:eta|ETA) \S+(?: s)?")
+
+
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -74,7 +81,9 @@ class Demo:
     # ---- running commands ---------------------------------------------------------------
     def _run(self, stage: str, args: list[str], nproc: int = 1, cwd: Path | None = None) -> None:
         """`qwen3kd ARGS` in a child process (under torchrun when nproc > 1), logged to
-        <stage dir>/log.txt; a failure is a StageError with the log's last lines."""
+        <stage dir>/log.txt, its progress lines (a training step of total with its ETA, a
+        generated shard) echoed here at most every PROGRESS_S seconds, so a long stage is seen to
+        move; a failure is a StageError with the log's last lines."""
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", "-m", "qwen3kd.cli", *args]
@@ -83,11 +92,22 @@ class Demo:
         logfile = (cwd or self.root / stage) / "log.txt"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
-        with open(logfile, "w") as f:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        if done.returncode:
+        log.info("demo: %s: qwen3kd %s (log: %s)", stage, args[0], logfile)
+        shown = time.perf_counter()
+        with open(logfile, "w") as f, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                errors="replace") as p:
+            for line in p.stdout:
+                f.write(line)
+                found = _PROGRESS.search(line)
+                now = time.perf_counter()
+                last = found is not None and found.group(1) is not None and found.group(1) == found.group(2)
+                if found and (now - shown >= PROGRESS_S or last):
+                    shown = now
+                    log.info("demo: %s  %s", stage, found.group(0))
+        if p.returncode:
             tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
-            raise StageError(f"demo stage {stage} failed (exit {done.returncode}); its log is "
+            raise StageError(f"demo stage {stage} failed (exit {p.returncode}); its log is "
                              f"{logfile}:\n" + "\n".join(tail))
 
     def _stage_config(self, stage: str, d: dict, run_dir: Path) -> Path:

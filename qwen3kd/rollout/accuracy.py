@@ -11,8 +11,12 @@ each is answered greedily in every mode of `accuracy.modes` (a line's own "mode"
 Per model and mode: `accuracy` (exact match of the last integer of the answer, the thinking
 excluded, against the reference), `compliance` (the answer has the shape the mode asks for, as
 `rollout/mode_compliance` in training), `think_tokens` (mean tokens inside `<think>…</think>`),
-`response_tokens` (mean), `truncated` (share stopped by max_new_tokens). Written atomically to
-`accuracy.output` as JSON, with every answer in `<output stem>.samples/NAME.jsonl`.
+`response_tokens` (mean), `truncated` (share stopped by max_new_tokens). With `accuracy.samples`
+= n > 0, each problem is also answered n times at temperature 1 and `pass_at_k` holds, for each k
+of `accuracy.pass_k`, the unbiased estimator 1 − C(n−c, k)/C(n, k) (c of the n correct; Chen et
+al. 2021) averaged over problems. Prompt lines with a "stratum" are also reported on their own,
+under "MODE/STRATUM" (e.g. "think/hard"). Written atomically to `accuracy.output` as JSON, with
+every greedy answer in `<output stem>.samples/NAME.jsonl` (with `sampled_correct`, the count c).
 
 Models of one architecture share one engine: the first starts it, the next ones are pushed into
 it (`load_weights`), which is much cheaper than a new vLLM start.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -63,8 +68,20 @@ def think_tokens(r: Rollout, think: tuple[int, int]) -> int:
     return end - start
 
 
-def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout]) -> tuple[dict, list[dict]]:
-    """Metrics per mode (and overall) and one record per answer."""
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k answers drawn without replacement from n, c of them correct, is
+    correct) = 1 − C(n−c, k)/C(n, k), as a product (no large binomials)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout],
+          sampled: list[list[Rollout]] | None = None, ks: list[int] = ()) -> tuple[dict, list[dict]]:
+    """Metrics per mode, per mode and stratum and overall, and one record per greedy answer;
+    `sampled` (n answers per prompt at T = 1) adds pass@k for each k of `ks`."""
     from qwen3kd.trainer.onpolicy import compliant
 
     think = (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
@@ -76,21 +93,32 @@ def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout]) -> t
         rec = {"prompt_line": p.line, "mode": mode.value, "reference": p.answer, "answer": got,
                "correct": got == p.answer, "compliant": compliant(r, think, empty_block),
                "think_tokens": think_tokens(r, think), "response_tokens": len(r.response_ids),
-               "truncated": r.finish_reason == "length",
+               "truncated": r.finish_reason == "length", "stratum": p.stratum,
                "response": tok.decode(r.response_ids, skip_special_tokens=False)}
+        passes = {}
+        if sampled is not None:
+            answers = sampled[len(records)]
+            rec["sampled_correct"] = c = sum(final_answer(answer_text(tok, s, think[1])) == p.answer
+                                             for s in answers)
+            passes = {str(k): pass_at_k(len(answers), c, k) for k in ks}
         records.append(rec)
-        for key in (mode.value, "all"):
+        keys = [mode.value, "all"] + ([f"{mode.value}/{p.stratum}"] if p.stratum else [])
+        for key in keys:
             s = sums.setdefault(key, {"n": 0, "correct": 0, "compliant": 0, "think_tokens": 0,
-                                      "response_tokens": 0, "truncated": 0})
+                                      "response_tokens": 0, "truncated": 0, "pass_at_k": {}})
             s["n"] += 1
             for k in ("correct", "compliant", "think_tokens", "response_tokens", "truncated"):
                 s[k] += rec[k]
+            for k, v in passes.items():
+                s["pass_at_k"][k] = s["pass_at_k"].get(k, 0.0) + v
     metrics = {}
     for key, s in sums.items():
         n = s["n"]
         metrics[key] = {"n": n, "accuracy": s["correct"] / n, "compliance": s["compliant"] / n,
                         "think_tokens": s["think_tokens"] / n,
                         "response_tokens": s["response_tokens"] / n, "truncated": s["truncated"] / n}
+        if s["pass_at_k"]:
+            metrics[key]["pass_at_k"] = {k: v / n for k, v in s["pass_at_k"].items()}
     return metrics, records
 
 
@@ -148,6 +176,11 @@ def check_accuracy(cfg: JobConfig) -> list[Prompt]:
                           f"({len(missing)} lines without one)")
     if a.max_new_tokens < 1:
         raise ConfigError(f"accuracy.max_new_tokens must be >= 1, got {a.max_new_tokens}")
+    if a.samples < 0:
+        raise ConfigError(f"accuracy.samples must be >= 0, got {a.samples}")
+    if a.samples and (not a.pass_k or any(not 1 <= k <= a.samples for k in a.pass_k)):
+        raise ConfigError(f"accuracy.pass_k={list(a.pass_k)}: each k must be in 1..accuracy.samples"
+                          f"={a.samples}")
     return prompts
 
 
@@ -169,6 +202,11 @@ def run_eval(cfg: JobConfig, models: dict[str, Path], engine_factory=None) -> di
                    max_new_tokens=a.max_new_tokens)
     asked = [(p, m) for p in prompts for m in ([p.mode] if p.mode else list(a.modes))]
     requests = [Request(render_prompt(tok, p.messages, m), m, seed=i) for i, (p, m) in enumerate(asked)]
+    # pass@k: n answers per problem at T = 1, seeded by (problem, sample): the same draws for
+    # every model, so models are compared on common random numbers.
+    n = a.samples
+    draws = [Request(q.prompt_ids, q.mode, seed=len(requests) + i * n + j, temperature=1.0)
+             for i, q in enumerate(requests) for j in range(n)]
     max_len = max(len(r.prompt_ids) for r in requests) + a.max_new_tokens
     out = Path(a.output)
     results, samples = {}, out.with_name(out.stem + ".samples")
@@ -183,7 +221,12 @@ def run_eval(cfg: JobConfig, models: dict[str, Path], engine_factory=None) -> di
             for k, name in enumerate(names):
                 if k:
                     engine.load_weights(safetensors_weights(folders[name]))
-                metrics, records = grade(tok, asked, engine.generate(requests))
+                greedy = engine.generate(requests)
+                sampled = None
+                if n:
+                    flat = engine.generate(draws)
+                    sampled = [flat[i * n: (i + 1) * n] for i in range(len(requests))]
+                metrics, records = grade(tok, asked, greedy, sampled, list(a.pass_k))
                 results[name] = metrics
                 samples.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(samples / f"{name}.jsonl",

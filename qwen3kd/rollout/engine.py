@@ -25,6 +25,7 @@ class Request:
     prompt_ids: list[int]  # the rendered prompt, generation prompt included
     mode: Mode
     seed: int  # this sample's sampling seed
+    temperature: float | None = None  # None: the engine's rollout.temperature
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Prompts for rollouts and data generation: JSONL → conversations → token ids in a given mode.
 
 One line is one prompt: {"messages": [… ending with a user message]} or {"prompt": …, "system": …};
-an optional "answer" is the reference answer (`qwen3kd eval` grades against it); an optional
+an optional "answer" is the reference answer (`qwen3kd eval` grades against it), an optional
+"stratum" (a string) a subset `qwen3kd eval` also reports on its own (e.g. "hard"); an optional
 "mode" ("think" | "no_think") fixes its mode, otherwise the mode is drawn per prompt
 with probability `think_ratio` for think (seeded: the same prompt gets the same mode on every rank
 and after a resume). Rendering uses the tokenizer's own chat template with `enable_thinking` from
@@ -27,13 +28,16 @@ class Prompt:
     mode: Mode | None  # fixed by the line; None: drawn by think_ratio
     line: int  # 1-based line in the file
     answer: str | None = None  # the reference answer, when the line has one
+    stratum: str | None = None  # a subset eval reports on its own, when the line names one
 
 
-def _parse(obj) -> tuple[list[dict], Mode | None, str | None]:
+def _parse(obj) -> tuple[list[dict], Mode | None, str | None, str | None]:
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object")
     if "answer" in obj and not isinstance(obj["answer"], (str, int)):
         raise ValueError("'answer' must be a string or an integer")
+    if "stratum" in obj and not isinstance(obj["stratum"], str):
+        raise ValueError("'stratum' must be a string")
     mode = obj.get("mode")
     if mode is not None and mode not in (m.value for m in Mode):
         raise ValueError(f"mode must be 'think' or 'no_think', got {mode!r}")
@@ -52,7 +56,7 @@ def _parse(obj) -> tuple[list[dict], Mode | None, str | None]:
     if msgs[-1]["role"] != "user":
         raise ValueError("the last message must be the user's (the model answers it)")
     answer = obj.get("answer")
-    return msgs, Mode(mode) if mode else None, None if answer is None else str(answer)
+    return msgs, Mode(mode) if mode else None, None if answer is None else str(answer), obj.get("stratum")
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
@@ -65,10 +69,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             if not text.strip():
                 continue
             try:
-                msgs, mode, answer = _parse(json.loads(text))
+                msgs, mode, answer, stratum = _parse(json.loads(text))
             except (json.JSONDecodeError, ValueError) as e:
                 raise DataError(f"{path}:{n}: bad prompt: {e}") from None
-            prompts.append(Prompt(msgs, mode, n, answer))
+            prompts.append(Prompt(msgs, mode, n, answer, stratum))
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

@@ -160,11 +160,12 @@ class VllmEngine:
         log.info("vLLM engine up (%s, dtype %s, processes %s)", model_dir, self.dtype, self.pids)
 
     # ---- generation ---------------------------------------------------------------------
-    def _params(self, seed: int, max_tokens: int, stop: list[int]):
+    def _params(self, seed: int, max_tokens: int, stop: list[int], temperature: float | None = None):
         from vllm import SamplingParams
 
         c = self.cfg
-        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or -1,
+        t = c.temperature if temperature is None else temperature
+        return SamplingParams(temperature=t, top_p=c.top_p, top_k=c.top_k or -1,
                               max_tokens=max_tokens, seed=seed, logprobs=0, stop_token_ids=stop,
                               ignore_eos=True, detokenize=False,
                               # Log-probs as flat lists, not one dict + Logprob object per token:
@@ -212,7 +213,7 @@ class VllmEngine:
                     c.thinking_budget < c.max_new_tokens for r in requests]
         first = self._run([r.prompt_ids for r in requests], [
             self._params(r.seed, c.thinking_budget if b else c.max_new_tokens,
-                         [self.eot, self.think_end] if b else [self.eot])
+                         [self.eot, self.think_end] if b else [self.eot], r.temperature)
             for r, b in zip(requests, budgeted, strict=True)])
         rollouts, again = [], []
         for i, (r, b, (ids, lps, reason)) in enumerate(zip(requests, budgeted, first, strict=True)):
@@ -236,7 +237,7 @@ class VllmEngine:
             second = self._run(
                 [rollouts[i].prompt_ids + rollouts[i].response_ids for i in again],
                 [self._params(requests[i].seed + 1, c.max_new_tokens - len(rollouts[i].response_ids),
-                              [self.eot]) for i in again])
+                              [self.eot], requests[i].temperature) for i in again])
             for i, (ids, lps, reason) in zip(again, second, strict=True):
                 ro = rollouts[i]
                 ro.response_ids += ids

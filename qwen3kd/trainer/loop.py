@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from qwen3kd.checkpoint import training
 from qwen3kd.checkpoint.weights import hf_files_of, load_initial_weights
-from qwen3kd.config.schema import JobConfig, Phase
+from qwen3kd.config.schema import JobConfig, OnPolicyObjective, Phase
 from qwen3kd.data.batches import micro_batches
 from qwen3kd.distributed.layout import ParallelLayout
 from qwen3kd.errors import ConfigError
@@ -30,7 +30,8 @@ from qwen3kd.models.qwen3 import build_model
 from qwen3kd.tracking.run import open_tracking
 from qwen3kd.trainer.data import TrainData
 from qwen3kd.trainer.evaluate import Evaluator
-from qwen3kd.trainer.objectives import KDObjective, LMObjective, device
+from qwen3kd.trainer.ledger import Ledger
+from qwen3kd.trainer.objectives import GRPOObjective, KDObjective, LMObjective, device
 from qwen3kd.trainer.optim import build_optimizer, wrap_ddp
 from qwen3kd.trainer.phases import onpolicy_kd, phase_plan, total_steps
 
@@ -75,7 +76,8 @@ class Trainer:
             self.teacher = Teacher(cfg, self.layout, teacher_layout, teacher_groups)
             self.objectives = {
                 Phase.offpolicy: KDObjective(cfg, self.teacher, with_ce=False),
-                Phase.onpolicy: KDObjective(cfg, self.teacher, with_ce=False, kd=onpolicy_kd(cfg)),
+                Phase.onpolicy: GRPOObjective() if cfg.onpolicy.objective is OnPolicyObjective.grpo
+                else KDObjective(cfg, self.teacher, with_ce=False, kd=onpolicy_kd(cfg)),
             }
         else:
             self.objectives = {Phase.offpolicy: LMObjective()}
@@ -85,6 +87,7 @@ class Trainer:
         # The ranks whose loss values are reported: last pipeline stage, first TP rank.
         self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.is_rank0 = dist.get_rank() == 0
+        self.ledger = Ledger(cfg, ps.get_data_parallel_group(), device())
         self.metrics = open_tracking(cfg, self.data, self.is_rank0, self.progress.step)
         dist.barrier()  # rank 0 opened MLflow: the others would count that wait in step 1's timings
 
@@ -176,6 +179,9 @@ class Trainer:
                         "train/tokens_per_s": metrics["train/tokens"] / (end - start)})
         metrics.update(max_over_ranks(timings))
         metrics.update(made)
+        metrics.update(self.ledger.step(sum(mb.n_tokens for mb in batches),
+                                        scored=isinstance(self.objective, KDObjective),
+                                        generated_tokens=made.get("rollout/generated_tokens", 0.0)))
         return metrics
 
     # ---- the loop -----------------------------------------------------------------------

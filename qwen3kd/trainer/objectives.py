@@ -1,5 +1,6 @@
 """What a micro-batch's forward computes and how its loss is reported: plain cross-entropy for the
-student alone, or distillation from the co-located teacher.
+student alone, distillation from the co-located teacher, or a policy gradient on a verifier's
+reward (on-policy reinforcement learning, the comparison arm of distillation).
 
 Loss normalisation (DESIGN.md): every micro-batch returns a *sum* over its learned tokens and their
 count; megatron's schedule adds the counts over micro-batches, `finalize_model_grads` all-reduces
@@ -19,6 +20,7 @@ from qwen3kd.config.schema import JobConfig, KDConfig
 from qwen3kd.data.batches import MicroBatch
 from qwen3kd.data.chat import MODES
 from qwen3kd.losses.fused import METRICS, KDSpec, fused_kd_loss
+from qwen3kd.losses.policy_gradient import policy_gradient_loss
 from qwen3kd.teacher.frozen import Teacher
 
 
@@ -90,6 +92,50 @@ class LMObjective:
     def summarise(total: torch.Tensor, prefix: str) -> dict[str, float]:
         loss_sum, tokens = total.tolist()
         return {f"{prefix}/loss": loss_sum / max(tokens, 1.0), f"{prefix}/tokens": tokens}
+
+
+class GRPOObjective:
+    """GRPO on the student's own answers (onpolicy.objective=grpo): each answer token's loss is
+    −A · log π(token), A its answer's group-normalised advantage (losses/policy_gradient.py), with
+    log π from megatron's vocabulary-parallel cross-entropy. The teacher takes no part."""
+
+    shape = (len(MODES), 2)  # per mode: loss sum, tokens
+
+    def waves(self, batches: list) -> list[list]:
+        return [batches]
+
+    def scored(self, batches: list):
+        return contextlib.nullcontext()
+
+    def forward_step(self, data_iterator, model):
+        batch: MicroBatch = next(data_iterator)
+        tokens, pos, labels, mask, attn = _to_device(batch)
+        dev = tokens.device
+        adv = batch.advantages.to(dev) if batch.advantages is not None else torch.zeros_like(mask)
+        modes = batch.modes.to(dev) if batch.modes is not None else torch.zeros_like(labels)
+        out = model(tokens, pos, attn, labels=labels)  # [B, S] per-token CE = −log π
+        return out, partial(self.loss, mask, adv, modes)
+
+    @staticmethod
+    def loss(mask: torch.Tensor, adv: torch.Tensor, modes: torch.Tensor, per_token_ce: torch.Tensor):
+        logp = -per_token_ce.float()
+        loss = policy_gradient_loss(logp, adv, mask)
+        per_token = (-adv * logp * mask).detach()
+        report = torch.zeros(len(MODES), 2, dtype=torch.float64, device=mask.device)
+        report[:, 0].index_add_(0, modes.reshape(-1), per_token.detach().reshape(-1).double())
+        report[:, 1].index_add_(0, modes.reshape(-1), mask.reshape(-1).double())
+        return loss, mask.sum().to(torch.int), {"report": report.cpu()}
+
+    @staticmethod
+    def summarise(total: torch.Tensor, prefix: str) -> dict[str, float]:
+        tok = total[:, 1]
+        out = {f"{prefix}/loss": float(total[:, 0].sum() / tok.sum().clamp(min=1)),
+               f"{prefix}/tokens": float(tok.sum())}
+        for i, mode in enumerate(MODES):
+            if tok[i] > 0:
+                out[f"{prefix}/tokens/{mode.value}"] = float(tok[i])
+                out[f"{prefix}/loss/{mode.value}"] = float(total[i, 0] / tok[i])
+        return out
 
 
 class KDObjective:

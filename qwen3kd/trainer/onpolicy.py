@@ -12,6 +12,13 @@ GPU the engine and the trainer never hold their working memory at once:
 Probe: the log-probs of fixed sequences (the first prompts, think mode) from the engine after the
 push must match the trainer's own within rollout.probe_tolerance, else the run stops: a stale or
 wrongly loaded engine would silently train the student on another policy's samples.
+
+Groups: each prompt is answered onpolicy.group_size times (same mode, a seed per answer), its
+answers on one replica. Prompts, modes and seeds are functions of (config, step, index) only, so
+two runs of the same settings — a distillation arm and a GRPO arm — answer the same prompts with
+the same random numbers. When every prompt has an "answer", the replica's first rank grades each
+rollout (onpolicy.verifier); GRPO turns a group's rewards into advantages there, before the
+rollouts are broadcast.
 """
 
 from __future__ import annotations
@@ -24,17 +31,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qwen3kd.config.schema import JobConfig, Mode
+from qwen3kd.config.schema import JobConfig, Mode, OnPolicyObjective
 from qwen3kd.data.batches import Row, collate, empty_row, pack_rows
 from qwen3kd.data.chat import MODES
 from qwen3kd.errors import DataError
 from qwen3kd.faults import armed
 from qwen3kd.rollout.engine import Request, Rollout, RolloutEngineError
-from qwen3kd.rollout.prompts import load_prompts, prompt_mode, render_prompt
+from qwen3kd.rollout.prompts import Prompt, load_prompts, prompt_mode, render_prompt
 
 log = logging.getLogger(__name__)
 
-STATS = ("answers", "response_tokens", "truncated", "compliant", "budget_cut")
+STATS = ("answers", "response_tokens", "truncated", "compliant", "budget_cut", "reward", "groups",
+         "flat_groups")
 
 
 def compliant(r: Rollout, think: tuple[int, int], empty_block: list[int]) -> bool:
@@ -55,7 +63,8 @@ def rollout_row(r: Rollout, seq: int) -> Row:
     sampled = np.asarray(r.sampled, dtype=np.float32)[: len(ids) - p]
     mask[p - 1: p - 1 + len(sampled)] = sampled
     modes = np.full(len(ids), MODES.index(r.mode), dtype=np.int64)
-    return Row(ids=ids, mask=mask[:-1], modes=modes[:-1])
+    adv = mask[:-1] * np.float32(r.meta["advantage"]) if "advantage" in r.meta else None
+    return Row(ids=ids, mask=mask[:-1], modes=modes[:-1], advantages=adv)
 
 
 class OnPolicySource:
@@ -74,6 +83,16 @@ class OnPolicySource:
 
         stop_thinking_ids(tokenizer, r)  # checked on every rank, before the engine starts
         self.prompts = self._prompts()
+        o = cfg.onpolicy
+        self.grpo = o.objective is OnPolicyObjective.grpo
+        unanswered = [p.line for p in self.prompts if p.answer is None]
+        if self.grpo and unanswered:
+            raise DataError(f"{o.prompts}:{unanswered[0]}: onpolicy.objective=grpo needs an "
+                            f"'answer' on every prompt line (the verifier's reference)")
+        self.rewarded = not unanswered
+        from qwen3kd.rollout.verifiers import VERIFIERS, Grader
+
+        self.verifier, self.grader = VERIFIERS[o.verifier], Grader.of(tokenizer)
         self.order = np.random.default_rng(cfg.train.seed).permutation(len(self.prompts))
         self.probe = [render_prompt(tokenizer, self.prompts[i].messages, Mode.think)
                       for i in range(min(r.probe_prompts, len(self.prompts)))]
@@ -114,19 +133,34 @@ class OnPolicySource:
                           dummy_weights=True)
 
     # ---- rollouts -----------------------------------------------------------------------
-    def requests(self, step: int) -> list[Request]:
-        """This replica's prompts for `step` (1-based): its slice of the global batch."""
-        c = self.cfg
+    def requests(self, step: int) -> list[tuple[Prompt, Request]]:
+        """This replica's (prompt, request) pairs for `step` (1-based): its slice of the global
+        batch, group_size consecutive answers per prompt."""
+        c, size = self.cfg, self.cfg.onpolicy.group_size
         batch = c.onpolicy.batch_size or c.train.global_batch_size
         per = batch // self.dp
         base = (step - 1 - self.first_step) * batch + self.dp_rank * per
         out = []
         for g in range(base, base + per):
-            p = self.prompts[int(self.order[g % len(self.order)])]
-            mode = prompt_mode(p, g, c.onpolicy.think_ratio, c.rollout.seed)
+            q = g // size  # the prompt's index in the run's stream of prompts
+            p = self.prompts[int(self.order[q % len(self.order)])]
+            mode = prompt_mode(p, q, c.onpolicy.think_ratio, c.rollout.seed)
             seed = int(np.random.default_rng([c.rollout.seed, step, g]).integers(2**31))
-            out.append(Request(render_prompt(self.tok, p.messages, mode), mode, seed))
+            out.append((p, Request(render_prompt(self.tok, p.messages, mode), mode, seed)))
         return out
+
+    def grade(self, asked: list[Prompt], rollouts: list[Rollout]) -> None:
+        """Each rollout's reward (meta["reward"]) and, for GRPO, its group's advantage."""
+        from qwen3kd.losses.policy_gradient import group_advantages
+
+        for p, r in zip(asked, rollouts, strict=True):
+            r.meta["reward"] = self.verifier(self.grader, p, r)
+        if self.grpo:
+            size = self.cfg.onpolicy.group_size
+            rewards = torch.tensor([r.meta["reward"] for r in rollouts]).reshape(-1, size)
+            adv = group_advantages(rewards, self.cfg.onpolicy.grpo_eps).reshape(-1)
+            for r, a in zip(rollouts, adv.tolist(), strict=True):
+                r.meta["advantage"] = a
 
     def batches(self, step: int) -> tuple[list, dict[str, float]]:
         """Micro-batches of this replica's rollouts for `step`, and the rollout metrics."""
@@ -137,7 +171,10 @@ class OnPolicySource:
                 log.warning("QWEN3KD_FAULT: killing the rollout engine's processes at step %d", step)
                 self.engine.kill()
             self.engine.wake_up(("kv_cache",))
-            rollouts = [self.engine.generate(self.requests(step))]
+            asked, requests = zip(*self.requests(step), strict=True)
+            rollouts = [self.engine.generate(list(requests))]
+            if self.rewarded:
+                self.grade(list(asked), rollouts[0])
             self.stale_lp = self.engine.prompt_logprobs(self.probe)  # the weights the step learns from
             self.engine.sleep(keep_weights=not self.sync_due(step))
         dist.broadcast_object_list(rollouts, group=self.group, group_src=0)
@@ -169,9 +206,16 @@ class OnPolicySource:
     def _metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         sums = torch.zeros(len(MODES), len(STATS), dtype=torch.float64)
         for r in rollouts:
-            sums[MODES.index(r.mode)] += torch.tensor([
+            sums[MODES.index(r.mode), :6] += torch.tensor([
                 1, len(r.response_ids), r.finish_reason == "length",
-                compliant(r, self.think, self.empty_block), r.budget_cut], dtype=torch.float64)
+                compliant(r, self.think, self.empty_block), r.budget_cut, r.meta.get("reward", 0.0)],
+                dtype=torch.float64)
+        size = self.cfg.onpolicy.group_size
+        if self.rewarded and size > 1:  # groups whose answers all earned the same: no signal
+            for k in range(0, len(rollouts), size):
+                group = rollouts[k: k + size]
+                flat = len({r.meta["reward"] for r in group}) == 1
+                sums[MODES.index(group[0].mode), 6:] += torch.tensor([1, flat], dtype=torch.float64)
         from megatron.core import parallel_state as ps
 
         from qwen3kd.trainer.objectives import device
@@ -179,7 +223,8 @@ class OnPolicySource:
         sums = sums.to(device())
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
         sums = sums.cpu()
-        out = {"rollout/response_length": float(sums[:, 1].sum() / sums[:, 0].sum())}
+        out = {"rollout/response_length": float(sums[:, 1].sum() / sums[:, 0].sum()),
+               "rollout/generated_tokens": float(sums[:, 1].sum())}
         for i, mode in enumerate(MODES):
             n = float(sums[i, 0])
             if n:
@@ -188,6 +233,10 @@ class OnPolicySource:
                 out[f"rollout/response_length/{m}"] = float(sums[i, 1]) / n
                 out[f"rollout/truncation_rate/{m}"] = float(sums[i, 2]) / n
                 out[f"rollout/mode_compliance/{m}"] = float(sums[i, 3]) / n
+                if self.rewarded:
+                    out[f"rollout/reward/{m}"] = float(sums[i, 5]) / n
+                if sums[i, 6] > 0:
+                    out[f"rollout/zero_variance_groups/{m}"] = float(sums[i, 7] / sums[i, 6])
                 if mode is Mode.think:
                     out["rollout/budget_cut_rate/think"] = float(sums[i, 4]) / n
         return out

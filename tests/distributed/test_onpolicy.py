@@ -23,11 +23,33 @@ def assets(a) -> list[str]:
             f"onpolicy.prompts={a / 'prompts.jsonl'}"]
 
 
-def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, onpolicy_run, tmp_path):
+@pytest.fixture(scope="module")
+def side_runs(toy_assets, tmp_path_factory) -> dict:
+    """Two more runs, side by side (each spends most of its time starting vLLM, whose start
+    waits on its spawned processes): the crash drill, and GRPO instead of distillation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("onpolicy-side")
+    with ThreadPoolExecutor(2) as pool:
+        # The drill (student TP=2, the teacher too): the engine's processes die before step 4's
+        # rollouts.
+        drill = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={root / 'drill'}",
+                            "checkpoint.interval=1", "tracking.enabled=false", nproc=2, timeout=400,
+                            check=False, env={"QWEN3KD_FAULT": "engine_dead@4"})
+        # GRPO: 3 steps of 2 prompts × 4 answers at TP=2 (on-policy only).
+        grpo = pool.submit(qwen3kd, "train", CONFIG, *assets(toy_assets), f"run.dir={root / 'grpo'}",
+                           "phases=[onpolicy]", "onpolicy.objective=grpo", "onpolicy.group_size=4",
+                           "onpolicy.batch_size=8", "checkpoint.save_final=false", nproc=2,
+                           timeout=400)
+        grpo.result()  # raises if the GRPO run failed
+    return {"drill": (root / "drill", drill.result()), "grpo": root / "grpo"}
+
+
+def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, onpolicy_run, side_runs):
     from mlflow import MlflowClient
 
-    # The teacher at its own layout: TP=2 under the student's TP=1 × DP=2.
-    clean, drill = onpolicy_run, tmp_path / "drill"
+    # The teacher at its own layout: TP=1 × DP=2 under the student's TP=2.
+    clean, (drill, p) = onpolicy_run, side_runs["drill"]
     m = read_metrics(clean)
     assert [x["step"] for x in m if "train/loss" in x] == [1, 2, 3, 4, 5]
     onpolicy = [x for x in m if "rollout/answers/think" in x or "rollout/answers/no_think" in x]
@@ -57,11 +79,8 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, onpolicy_run
     # Off-policy hands over a checkpoint at its last step; the run ends with one at step 5.
     assert last_checkpoint(clean).name == "step_0000005"
 
-    # The drill (student TP=2, the teacher too): the engine's processes die before step 4's
-    # rollouts; the run stops with a clear error naming its last checkpoint, complete and loadable.
-    p = qwen3kd("train", CONFIG, *assets(toy_assets), f"run.dir={drill}", "checkpoint.interval=1",
-                "tracking.enabled=false", nproc=2, timeout=400, check=False,
-                env={"QWEN3KD_FAULT": "engine_dead@4"})
+    # The drill: the run stops with a clear error naming its last checkpoint, complete and
+    # loadable.
     assert p.returncode != 0
     assert "step 4: the rollout engine failed: its processes" in p.stderr, p.stderr[-4000:]
     assert "its last checkpoint" in p.stderr and "step_0000003" in p.stderr
@@ -76,3 +95,26 @@ def test_onpolicy_run_sync_probe_dead_engine_and_resume(toy_assets, onpolicy_run
     assert [x["step"] for x in resumed][-3:] == [3, 4, 5]
     assert all(x["rollout/probe_gap"] <= 1e-3 for x in resumed[-3:])
     assert last_checkpoint(drill).name == "step_0000005"
+
+
+def test_grpo_at_tp2_trains_on_rewards_and_logs_them_per_mode(side_runs):
+    """onpolicy.objective=grpo: 3 steps of 2 prompts × 4 answers at TP=2 (vLLM on rank 0), the
+    rewards of the exact-match verifier per mode in MLflow, the share of groups without signal."""
+    from mlflow import MlflowClient
+
+    run = side_runs["grpo"]
+    m = [x for x in read_metrics(run) if "train/loss" in x]
+    assert [x["step"] for x in m] == [1, 2, 3]
+    for x in m:
+        assert x.get("rollout/answers/think", 0) + x.get("rollout/answers/no_think", 0) == 8
+        for mode in ("think", "no_think"):
+            if f"rollout/answers/{mode}" in x:
+                assert 0 <= x[f"rollout/reward/{mode}"] <= 1
+                assert 0 <= x[f"rollout/zero_variance_groups/{mode}"] <= 1
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    logged = {k for x in m for k in x if k.startswith("rollout/reward/")}
+    assert logged, m
+    for key in logged:
+        assert client.get_metric_history(run_id, key), key
+    assert client.get_run(run_id).data.params["onpolicy.objective"] == "grpo"

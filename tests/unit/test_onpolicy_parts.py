@@ -14,6 +14,7 @@ import torch
 from qwen3kd.config.loader import load_config
 from qwen3kd.config.schema import Mode, Phase
 from qwen3kd.errors import ConfigError, DataError
+from qwen3kd.models.params import count_params
 from qwen3kd.rollout.engine import Request, Rollout
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke" / "onpolicy-tiny.yaml"
@@ -67,7 +68,9 @@ def _trainer(calls, sync_interval, monkeypatch, toy_assets):
     src.cfg, src.first, src.first_step, src.dp, src.dp_rank = cfg, True, 2, 1, 0
     src.engine, src.model, src.group, src.tolerance, src.stale_lp = RecordingEngine(calls), [], None, 1e-3, None
     src.probe, src.think, src.empty_block, src.pad = [[1, 2, 3]], (318, 319), [318, 258, 319, 258], 0
-    src.requests = lambda step: [Request([1, 2, 3], Mode.think, 0), Request([1, 2, 4], Mode.no_think, 1)]
+    src.requests = lambda step: [(None, Request([1, 2, 3], Mode.think, 0)),
+                                 (None, Request([1, 2, 4], Mode.no_think, 1))]
+    src.rewarded, src.grpo = False, False
 
     def probe_forward():
         calls.append("trainer.probe_forward")
@@ -85,6 +88,11 @@ def _trainer(calls, sync_interval, monkeypatch, toy_assets):
     from qwen3kd.checkpoint.training import Progress
 
     t.progress = Progress(step=2)
+    from megatron.core import parallel_state as ps
+
+    from qwen3kd.trainer.ledger import Ledger
+
+    t.ledger = Ledger(cfg, ps.get_data_parallel_group(), torch.device("cpu"))
 
     class Objective:
         def summarise(self, total, prefix):
@@ -116,6 +124,10 @@ def test_colocated_call_order_around_a_step(megatron_world, monkeypatch, toy_ass
         "trainer.probe_forward",
     ]
     assert m["rollout/probe_gap"] == 0.0 and m["rollout/answers/think"] == 1
+    # The ledger: 6N × the packed row's 12 tokens trained, 2N × the 6 answer tokens generated.
+    n = count_params(t.cfg.model).active
+    assert m["compute/flops/train"] == 6 * n * 12 and m["compute/flops/rollout"] == 2 * n * 6
+    assert m["compute/flops"] == 6 * n * 12 + 2 * n * 6 and m["compute/cpu_seconds"] > 0
     assert t.progress.step == 3 and t.progress.consumed_samples == 0  # rollouts use no data rows
 
 
