@@ -26,6 +26,9 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
     root, cache = tmp_path / "demo", tmp_path / "cache"
     overrides = [f"run.dir={root}", f"demo.cache={cache}"]
     done = qwen3kd("demo", str(CONFIG), *overrides, timeout=900)
+    # Each stage says what it runs, and a training stage shows its steps as it goes.
+    assert "demo: offpolicy: qwen3kd train" in done.stderr and "demo: eval: qwen3kd eval" in done.stderr
+    assert "demo: teacher  step 4/4" in done.stderr and "demo: control  step 5/5" in done.stderr
 
     # The table: one row per model, in order.
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]

@@ -131,7 +131,8 @@ def test_groups_share_prompt_and_mode_and_both_arms_draw_the_same(toy_assets):
         s = OnPolicySource.__new__(OnPolicySource)
         s.cfg = load_config(CONFIG, [f"onpolicy.prompts={toy_assets / 'prompts.jsonl'}",
                                      f"onpolicy.objective={objective}", "onpolicy.group_size=4",
-                                     "onpolicy.batch_size=16", "parallel.tensor=1"])
+                                     "onpolicy.batch_size=16", "parallel.tensor=1"],
+                            check_files=False)
         s.tok, s.dp, s.dp_rank, s.first_step = tok, 2, dp_rank, 2
         s.prompts = s._prompts()
         s.order = np.random.default_rng(s.cfg.train.seed).permutation(len(s.prompts))
