@@ -47,10 +47,15 @@ def onpolicy_args(a: Path) -> list[str]:
     """The on-policy smoke config (2 off-policy steps, then on-policy steps 3..5) on the toy
     assets, at the layout of the SLURM jobs (one process on each of 2 nodes): the student at TP=2
     (one replica: one vLLM engine, on rank 0), the teacher at a layout of its own, TP=1 × DP=2."""
-    return [str(SMOKE / "onpolicy-tiny.yaml"), f"data.path={a / 'train.jsonl'}",
-            f"data.eval_path={a / 'eval.jsonl'}", f"data.tokenizer={a / 'tokenizer'}",
-            f"teacher.load={a / 'teacher'}", f"onpolicy.prompts={a / 'prompts.jsonl'}",
-            "parallel.tensor=2", "teacher.parallel.tensor=1"]
+    return [str(SMOKE / "onpolicy-tiny.yaml"), *toy_overrides(a), "parallel.tensor=2",
+            "teacher.parallel.tensor=1"]
+
+
+def toy_overrides(a: Path) -> list[str]:
+    """The overrides that point a smoke config at the toy assets (qwen3kd/toy.py)."""
+    return [f"data.path={a / 'train.jsonl'}", f"data.eval_path={a / 'eval.jsonl'}",
+            f"data.tokenizer={a / 'tokenizer'}", f"teacher.load={a / 'teacher'}",
+            f"onpolicy.prompts={a / 'prompts.jsonl'}"]
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -72,4 +77,3 @@ def global_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         dcp_to_torch_save(str(ckpt), str(out))
     state = torch.load(out, weights_only=False)
     return {k: v for k, v in state.items() if torch.is_tensor(v) and "optimizer." not in k}
-

@@ -101,8 +101,7 @@ class Demo:
                 f.write(line)
                 found = _PROGRESS.search(line)
                 now = time.perf_counter()
-                last = found is not None and found.group(1) is not None and found.group(1) == found.group(2)
-                if found and (now - shown >= PROGRESS_S or last):
+                if found and (now - shown >= PROGRESS_S or found[1] is not None and found[1] == found[2]):
                     shown = now
                     log.info("demo: %s  %s", stage, found.group(0))
         if p.returncode:

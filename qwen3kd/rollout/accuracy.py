@@ -58,6 +58,11 @@ def answer_text(tok, r: Rollout, think_close: int) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
+def graded_answer(tok, r: Rollout, think_close: int) -> str | None:
+    """What is graded: the last integer of the answer, the thinking excluded."""
+    return final_answer(answer_text(tok, r, think_close))
+
+
 def think_tokens(r: Rollout, think: tuple[int, int]) -> int:
     """Tokens between the answer's `<think>` and `</think>` (to its end when unclosed)."""
     ids, (open_id, close_id) = r.response_ids, think
@@ -82,14 +87,14 @@ def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout],
           sampled: list[list[Rollout]] | None = None, ks: list[int] = ()) -> tuple[dict, list[dict]]:
     """Metrics per mode, per mode and stratum and overall, and one record per greedy answer;
     `sampled` (n answers per prompt at T = 1) adds pass@k for each k of `ks`."""
+    from qwen3kd.rollout.verifiers import Grader
     from qwen3kd.trainer.onpolicy import compliant
 
-    think = (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
-    empty_block = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    g = Grader.of(tok)
+    think, empty_block = g.think, g.empty_block
     records, sums = [], {}
     for (p, mode), r in zip(prompts, rollouts, strict=True):
-        text = answer_text(tok, r, think[1])
-        got = final_answer(text)
+        got = graded_answer(tok, r, think[1])
         rec = {"prompt_line": p.line, "mode": mode.value, "reference": p.answer, "answer": got,
                "correct": got == p.answer, "compliant": compliant(r, think, empty_block),
                "think_tokens": think_tokens(r, think), "response_tokens": len(r.response_ids),
@@ -98,7 +103,7 @@ def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout],
         passes = {}
         if sampled is not None:
             answers = sampled[len(records)]
-            rec["sampled_correct"] = c = sum(final_answer(answer_text(tok, s, think[1])) == p.answer
+            rec["sampled_correct"] = c = sum(graded_answer(tok, s, think[1]) == p.answer
                                              for s in answers)
             passes = {str(k): pass_at_k(len(answers), c, k) for k in ks}
         records.append(rec)

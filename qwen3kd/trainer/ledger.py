@@ -37,26 +37,28 @@ def cpu_seconds() -> float:
 
 
 class Ledger:
-    def __init__(self, cfg: JobConfig, dp_group, device: torch.device):
+    def __init__(self, cfg: JobConfig, dp: int, device: torch.device):
         from qwen3kd.models.params import count_params
 
         self.student = count_params(cfg.model).active
         self.teacher = count_params(cfg.teacher.model).active if cfg.teacher is not None else 0
-        self.dp_group, self.device = dp_group, device
+        self.dp, self.device = dp, device
         self.cpu = cpu_seconds()
 
     def step(self, trained_tokens: int, scored: bool, generated_tokens: float) -> dict[str, float]:
-        """This step's compute. trained_tokens: this replica's (summed over replicas here);
-        scored: the teacher scored those rows; generated_tokens: already global."""
+        """This step's compute. trained_tokens: this replica's (every rank of a replica holds the
+        same rows); scored: the teacher scored those rows; generated_tokens: already global."""
         now = cpu_seconds()
-        tokens = torch.tensor([float(trained_tokens)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tokens, group=self.dp_group)
-        cpu = torch.tensor([now - self.cpu], dtype=torch.float64, device=self.device)
-        dist.all_reduce(cpu)  # every rank's
+        # One all-reduce over every rank: the replica's token count once per rank of it (hence
+        # the division by the ranks per replica), every rank's CPU time.
+        sums = torch.tensor([float(trained_tokens), now - self.cpu], dtype=torch.float64,
+                            device=self.device)
+        dist.all_reduce(sums)
         self.cpu = now
-        train = 6.0 * self.student * float(tokens)
-        teacher = 2.0 * self.teacher * float(tokens) if scored else 0.0
+        tokens, cpu = float(sums[0]) * self.dp / dist.get_world_size(), float(sums[1])
+        train = 6.0 * self.student * tokens
+        teacher = 2.0 * self.teacher * tokens if scored else 0.0
         rollout = 2.0 * self.student * generated_tokens
         return {"compute/flops": train + teacher + rollout, "compute/flops/train": train,
                 "compute/flops/teacher": teacher, "compute/flops/rollout": rollout,
-                "compute/cpu_seconds": float(cpu)}
+                "compute/cpu_seconds": cpu}

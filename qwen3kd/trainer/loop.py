@@ -87,7 +87,7 @@ class Trainer:
         # The ranks whose loss values are reported: last pipeline stage, first TP rank.
         self.reports_loss = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         self.is_rank0 = dist.get_rank() == 0
-        self.ledger = Ledger(cfg, ps.get_data_parallel_group(), device())
+        self.ledger = Ledger(cfg, self.layout.dp, device())
         self.metrics = open_tracking(cfg, self.data, self.is_rank0, self.progress.step)
         dist.barrier()  # rank 0 opened MLflow: the others would count that wait in step 1's timings
 

@@ -65,16 +65,20 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-class LMObjective:
-    """Causal-LM cross-entropy (megatron's own loss, from the logits)."""
-
-    shape = (2,)  # loss sum, tokens
+class _StudentOnly:
+    """An objective without the teacher: one wave per step, no teacher phase."""
 
     def waves(self, batches: list) -> list[list]:
         return [batches]
 
     def scored(self, batches: list):
         return contextlib.nullcontext()
+
+
+class LMObjective(_StudentOnly):
+    """Causal-LM cross-entropy (megatron's own loss, from the logits)."""
+
+    shape = (2,)  # loss sum, tokens
 
     def forward_step(self, data_iterator, model):
         tokens, pos, labels, mask, attn = _to_device(next(data_iterator))
@@ -94,18 +98,12 @@ class LMObjective:
         return {f"{prefix}/loss": loss_sum / max(tokens, 1.0), f"{prefix}/tokens": tokens}
 
 
-class GRPOObjective:
+class GRPOObjective(_StudentOnly):
     """GRPO on the student's own answers (onpolicy.objective=grpo): each answer token's loss is
     −A · log π(token), A its answer's group-normalised advantage (losses/policy_gradient.py), with
     log π from megatron's vocabulary-parallel cross-entropy. The teacher takes no part."""
 
     shape = (len(MODES), 2)  # per mode: loss sum, tokens
-
-    def waves(self, batches: list) -> list[list]:
-        return [batches]
-
-    def scored(self, batches: list):
-        return contextlib.nullcontext()
 
     def forward_step(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator)
@@ -122,7 +120,7 @@ class GRPOObjective:
         loss = policy_gradient_loss(logp, adv, mask)
         per_token = (-adv * logp * mask).detach()
         report = torch.zeros(len(MODES), 2, dtype=torch.float64, device=mask.device)
-        report[:, 0].index_add_(0, modes.reshape(-1), per_token.detach().reshape(-1).double())
+        report[:, 0].index_add_(0, modes.reshape(-1), per_token.reshape(-1).double())
         report[:, 1].index_add_(0, modes.reshape(-1), mask.reshape(-1).double())
         return loss, mask.sum().to(torch.int), {"report": report.cpu()}
 

@@ -96,8 +96,7 @@ class OnPolicySource:
         self.order = np.random.default_rng(cfg.train.seed).permutation(len(self.prompts))
         self.probe = [render_prompt(tokenizer, self.prompts[i].messages, Mode.think)
                       for i in range(min(r.probe_prompts, len(self.prompts)))]
-        self.think = (tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>"))
-        self.empty_block = tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+        self.think, self.empty_block = self.grader.think, self.grader.empty_block
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.engine, self.stale_lp = None, None
         if self.first:
@@ -206,7 +205,7 @@ class OnPolicySource:
     def _metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         sums = torch.zeros(len(MODES), len(STATS), dtype=torch.float64)
         for r in rollouts:
-            sums[MODES.index(r.mode), :6] += torch.tensor([
+            sums[MODES.index(r.mode), :STATS.index("groups")] += torch.tensor([
                 1, len(r.response_ids), r.finish_reason == "length",
                 compliant(r, self.think, self.empty_block), r.budget_cut, r.meta.get("reward", 0.0)],
                 dtype=torch.float64)
@@ -215,7 +214,8 @@ class OnPolicySource:
             for k in range(0, len(rollouts), size):
                 group = rollouts[k: k + size]
                 flat = len({r.meta["reward"] for r in group}) == 1
-                sums[MODES.index(group[0].mode), 6:] += torch.tensor([1, flat], dtype=torch.float64)
+                sums[MODES.index(group[0].mode), STATS.index("groups"):] += torch.tensor(
+                    [1, flat], dtype=torch.float64)
         from megatron.core import parallel_state as ps
 
         from qwen3kd.trainer.objectives import device

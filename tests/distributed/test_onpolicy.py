@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import pytest
 from helpers import SMOKE, global_weights, last_checkpoint, qwen3kd
+from helpers import toy_overrides as assets
 
 from qwen3kd.tracking import read_metrics
 
 pytestmark = pytest.mark.distributed
 CONFIG = str(SMOKE / "onpolicy-tiny.yaml")
 # 2 off-policy steps, then on-policy steps 3..5 (configs/smoke/onpolicy-tiny.yaml)
-
-
-def assets(a) -> list[str]:
-    return [f"data.path={a / 'train.jsonl'}", f"data.eval_path={a / 'eval.jsonl'}",
-            f"data.tokenizer={a / 'tokenizer'}", f"teacher.load={a / 'teacher'}",
-            f"onpolicy.prompts={a / 'prompts.jsonl'}"]
 
 
 @pytest.fixture(scope="module")
