@@ -8,6 +8,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest-xdist workers (--dist loadgroup): a test file goes to one worker as a
+# whole (its module-scoped fixtures are built once); the on-policy tests and the SLURM tests form
+# one group, as they share the session's `onpolicy_run`. The longest groups are handed out first
+# so that both workers finish at about the same time.
+_GROUPS = {"test_onpolicy": "onpolicy", "test_slurm": "onpolicy"}
+_LONGEST_FIRST = ("onpolicy", "test_demo")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        name = item.path.stem
+        return _GROUPS.get(name, name)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {g: i for i, g in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: files keep their order
+
 
 def _hf_with_tokenizer(preset: str, out: Path, toy_assets: Path, seed: int) -> Path:
     """A random Hugging Face folder of a model preset, with the toy tokenizer's files."""
