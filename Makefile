@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile cpu-excludes.txt
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -p no:cacheprovider --durations=15 \
-		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) tests
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --no-loadscope-reorder) tests
 
 # The embedded default job: the toy strong-to-weak distillation (teacher → teacher answers →
 # off-policy → on-policy vs a control arm → evaluation), ≈ 10 min on 2 cores; the teacher is cached

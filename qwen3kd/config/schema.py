@@ -383,7 +383,11 @@ class DemoConfig:
     train_problems: int = 40000  # ground-truth conversations the teacher is trained on
     prompts: int = 2000  # training-split prompts: answered by the teacher in both modes (off-policy
     # data) and answered by the student on-policy
-    eval_problems: int = 256  # held out: never in training data or prompts
+    eval_problems: int = 256  # held out: never in training data or prompts (the table's test set)
+    dev_problems: int = 100  # held out too, apart from those: the arms' learning curves
+    # Every `curve_interval` steps each arm keeps a checkpoint that the eval stage scores on the
+    # dev problems (greedy): accuracy against steps and against FLOPs. 0: no curves.
+    curve_interval: int = 25
     nproc: int = 1  # processes per training stage (torchrun); the layout is parallel.*
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     # The student before distillation. None: random init. A list of teacher layers: the trained

@@ -10,15 +10,22 @@ to its outputs (`<run.dir>/<stage>/stage.yaml`, rerunnable by hand) and its log 
   student    the student's random initialisation (the "before distillation" row)
   generate   `qwen3kd generate`: the teacher answers the training prompts in both modes
   offpolicy  `qwen3kd train`: KD on the teacher's answers (CE + KL to the teacher's logits)
-  onpolicy   `qwen3kd train`, resumed from offpolicy's last step: the student answers in vLLM,
-             the teacher scores those tokens, reverse KL (`onpolicy.steps` steps)
-  control    `qwen3kd train`, resumed from the same step: as many more off-policy steps
-  eval       `qwen3kd eval`: every model answers the held-out problems greedily in both modes
+  the arms   `qwen3kd train`, each resumed from offpolicy's last step for `onpolicy.steps` steps:
+    control  as many more off-policy steps
+    onpolicy on-policy distillation: the student answers in vLLM, the teacher scores those
+             tokens, reverse KL
+    rl       reinforcement learning (GRPO) on the same rollouts: the same prompts, modes and
+             sampling seeds as onpolicy at every step, rewarded by the exact-match verifier
+  eval       `qwen3kd eval`: every model answers the held-out test problems greedily and
+             `accuracy.samples` times at T = 1 (pass@k) in both modes
+  curves     `qwen3kd eval`: each arm's checkpoints (every `demo.curve_interval` steps) answer
+             the dev problems: accuracy against steps and FLOPs
 
 The cache (`demo.cache`) is keyed by a hash of what decides its content, so a second demo with
 the same settings skips the teacher. Tracking: one MLflow parent run for the demo, a nested run
-per training phase (and for the untrained student), each holding its accuracy metrics;
-`<run.dir>/summary.json` holds the table (keys documented in the README).
+per training phase (and for the untrained student), each holding its accuracy metrics and, for
+the arms, the dev curve (`dev/accuracy/MODE` and `dev/flops` at each kept step);
+`<run.dir>/summary.json` holds the table and each arm's compute (keys documented in the README).
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ from qwen3kd.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 # Bump when the task's text or the teacher's recipe changes what a cached entry holds.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DONE = "DONE"  # written last into a complete cache entry
-MODELS = ("teacher", "student-before", "offpolicy", "onpolicy", "control")
+ARMS = ("control", "onpolicy", "rl")  # from the off-policy checkpoint, onpolicy.steps steps each
+MODELS = ("teacher", "student-before", "offpolicy", *ARMS)
+MODES = ("think", "no_think")
 
 
 class StageError(RuntimeError):
@@ -55,9 +64,10 @@ class StageError(RuntimeError):
 
 
 PROGRESS_S = 15.0
-# The trainer's progress line ("[####....] step 120/800  loss …  eta 95s") and generate's
-# ("shard 3/8: 192/512 prompts done, … ETA 40 s"): what to echo of a stage's output.
-_PROGRESS = re.compile(r"(?:step (\d+)/(\d+)|shard \d+/\d+).*?(?:eta|ETA) \S+(?: s)?")
+# The trainer's progress line ("[####....] step 120/800  loss …  eta 95s"), generate's ("shard
+# 3/8: 192/512 prompts done, … ETA 40 s") and eval's ("model 2/6 (offpolicy) evaluated, ETA 30 s"):
+# what to echo of a stage's output.
+_PROGRESS = re.compile(r"(?:step (\d+)/(\d+)|shard \d+/\d+|model \d+/\d+).*?(?:eta|ETA) \S+(?: s)?")
 
 
 def _key(obj) -> str:
@@ -69,7 +79,12 @@ class Demo:
         if cfg.teacher is None:
             raise ConfigError("demo: the experiment config needs a teacher (teacher.model)")
         if not cfg.onpolicy.steps:
-            raise ConfigError("demo: onpolicy.steps must be > 0 (the on-policy phase and its control arm)")
+            raise ConfigError("demo: onpolicy.steps must be > 0 (the steps of each arm)")
+        if cfg.onpolicy.group_size < 2:
+            raise ConfigError(f"demo: onpolicy.group_size={cfg.onpolicy.group_size}: the RL arm "
+                              f"(GRPO) needs >= 2 answers per prompt (both on-policy arms use it)")
+        if cfg.demo.curve_interval < 0 or cfg.demo.dev_problems < 0:
+            raise ConfigError("demo.curve_interval and demo.dev_problems must be >= 0")
         _check_student_layers(cfg)
         self.cfg, self.config_path = cfg, config_path
         self.base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -138,21 +153,24 @@ class Demo:
 
         d = self.cfg.demo
         spec = {"version": CACHE_VERSION, "seed": d.seed, "train": d.train_problems,
-                "prompts": d.prompts, "eval": d.eval_problems, "vocab": self.cfg.model.vocab_size}
+                "prompts": d.prompts, "eval": d.eval_problems, "dev": d.dev_problems,
+                "vocab": self.cfg.model.vocab_size}
         out = self.cache / f"assets-{_key(spec)}"
         if (out / DONE).is_file():
             log.info("demo: assets from the cache (%s)", out)
             return out
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        train, held_out = task.split_problems(d.train_problems + d.prompts, d.eval_problems, d.seed)
+        train, held_out = task.split_problems(d.train_problems + d.prompts,
+                                              d.eval_problems + d.dev_problems, d.seed)
         truth, prompts = train[: d.train_problems], train[d.train_problems:]
         build_toy_tokenizer(out / "tokenizer", corpus=task.corpus(train[:3000]) + task.chat_corpus(train[:500])
                             + default_corpus(), vocab_size=min(376, self.cfg.model.vocab_size))
         task.write_jsonl(out / "truth.jsonl", [task.conversation(p, "think" if i % 2 == 0 else "no_think")
                                                for i, p in enumerate(truth)])
         task.write_jsonl(out / "prompts.jsonl", [task.prompt_line(p) for p in prompts])
-        task.write_jsonl(out / "eval.jsonl", [task.prompt_line(p) for p in held_out])
+        task.write_jsonl(out / "eval.jsonl", [task.prompt_line(p) for p in held_out[: d.eval_problems]])
+        task.write_jsonl(out / "dev.jsonl", [task.prompt_line(p) for p in held_out[d.eval_problems:]])
         write_text_atomic(out / "spec.json", json.dumps(spec, indent=1) + "\n")
         write_text_atomic(out / DONE, "")
         return out
@@ -239,22 +257,55 @@ class Demo:
         return self._distill("offpolicy", assets, teacher, data, phases=["offpolicy"],
                              **{"checkpoint.load": str(student), "resume": "never"})
 
-    def onpolicy(self, assets, teacher, data, start: Path) -> Path:
-        return self._distill("onpolicy", assets, teacher, data, phases=["offpolicy", "onpolicy"],
-                             resume=str(start))
+    def arm(self, name: str, assets, teacher, data, start: Path) -> Path:
+        """One arm from the off-policy checkpoint `start`, onpolicy.steps steps: control (more
+        off-policy), onpolicy (distillation on the student's answers) or rl (GRPO on them)."""
+        changes = {"resume": str(start)}
+        if name == "control":
+            changes.update({"phases": ["offpolicy"],
+                            "train.steps": self.cfg.train.steps + self.cfg.onpolicy.steps})
+        else:
+            changes.update({"phases": ["offpolicy", "onpolicy"],
+                            "onpolicy.objective": "grpo" if name == "rl" else "kd"})
+        if self.cfg.demo.curve_interval:  # the checkpoints of the dev curve
+            changes.update({"checkpoint.interval": self.cfg.demo.curve_interval, "checkpoint.keep_last": 0})
+        return self._distill(name, assets, teacher, data, **changes)
 
-    def control(self, assets, teacher, data, start: Path) -> Path:
-        steps = self.cfg.train.steps + self.cfg.onpolicy.steps
-        return self._distill("control", assets, teacher, data, phases=["offpolicy"],
-                             resume=str(start), **{"train.steps": steps})
-
-    def evaluate(self, assets: Path, models: dict[str, Path]) -> dict:
+    def evaluate(self, assets: Path, models: dict[str, Path], stage: str = "eval",
+                 prompts: str = "eval.jsonl", samples: int | None = None) -> dict:
         d = deepcopy(self.base)
-        d["accuracy"].update(prompts=str(assets / "eval.jsonl"), tokenizer=str(assets / "tokenizer"))
-        run_dir = self.root / "eval"
-        stage = self._stage_config("eval", d, run_dir)
-        self._run("eval", ["eval", str(stage), *[f"--model={n}={p}" for n, p in models.items()]])
+        d["accuracy"].update(prompts=str(assets / prompts), tokenizer=str(assets / "tokenizer"))
+        if samples is not None:
+            d["accuracy"]["samples"] = samples
+        run_dir = self.root / stage
+        config = self._stage_config(stage, d, run_dir)
+        self._run(stage, ["eval", str(config), *[f"--model={n}={p}" for n, p in models.items()]])
         return json.loads((run_dir / "accuracy.json").read_text())
+
+    def curves(self, assets: Path, start: Path) -> dict[str, list[dict]]:
+        """Per arm, its dev curve: at the branch point (the off-policy model, as exported by the
+        eval stage) and at each kept checkpoint, the step, the FLOPs the arm has spent since the
+        branch point and the greedy dev accuracy per mode."""
+        from qwen3kd.checkpoint.training import complete_checkpoints
+        from qwen3kd.tracking import read_metrics
+
+        exported = self.root / "eval" / "eval_models"
+        branch = int(start.name.split("_")[-1])
+        models = {f"offpolicy@{branch}": exported / "offpolicy"}
+        for arm in ARMS:
+            kept = complete_checkpoints(self.root / arm / "checkpoints")
+            for step, path in kept:
+                # The last one is the arm's model, exported already.
+                models[f"{arm}@{step}"] = exported / arm if step == kept[-1][0] else path
+        results = self.evaluate(assets, models, "curves", "dev.jsonl", samples=0)
+        out = {}
+        for arm in ARMS:
+            flops = {r["step"]: r["compute/flops"] for r in read_metrics(self.root / arm) if "compute/flops" in r}
+            points = {branch: results[f"offpolicy@{branch}"]}
+            points.update({int(n.split("@")[1]): r for n, r in results.items() if n.startswith(f"{arm}@")})
+            out[arm] = [{"step": step, "flops": sum(f for s, f in flops.items() if s <= step),
+                         **{mode: r[mode]["accuracy"] for mode in MODES}} for step, r in sorted(points.items())]
+        return out
 
     # ---- the whole demo -----------------------------------------------------------------
     def run(self) -> dict:
@@ -268,34 +319,52 @@ class Demo:
             student = self._timed("student", self.student, assets, teacher)
             data = self._timed("generate", self.generate, assets, teacher)
             offpolicy = self._timed("offpolicy", self.offpolicy, assets, teacher, student, data)
-            onpolicy = self._timed("onpolicy", self.onpolicy, assets, teacher, data, offpolicy)
-            control = self._timed("control", self.control, assets, teacher, data, offpolicy)
-            models = dict(zip(MODELS, (teacher, student, offpolicy, onpolicy, control), strict=True))
+            arms = {a: self._timed(a, self.arm, a, assets, teacher, data, offpolicy) for a in ARMS}
+            models = {"teacher": teacher, "student-before": student, "offpolicy": offpolicy, **arms}
             results = self._timed("eval", self.evaluate, assets, models)
+            curves = self._timed("curves", self.curves, assets, offpolicy) if self.cfg.demo.curve_interval else {}
         except BaseException:
             self._close_parent("FAILED")
             raise
         self.times["total"] = round(time.perf_counter() - start, 1)
-        summary = self.summary(results, models)
+        summary = self.summary(results, models, curves)
         write_text_atomic(self.root / "summary.json", json.dumps(summary, indent=1) + "\n")
         self._track(summary)
         self._close_parent("FINISHED")
         return summary
 
-    def summary(self, results: dict, models: dict[str, Path]) -> dict:
-        acc = {m: {mode: results[m][mode]["accuracy"] for mode in ("think", "no_think")} for m in MODELS}
-        comp = [results["onpolicy"][mode]["compliance"] for mode in ("think", "no_think")]
+    def summary(self, results: dict, models: dict[str, Path], curves: dict) -> dict:
+        acc = {m: {mode: results[m][mode]["accuracy"] for mode in MODES} for m in MODELS}
+        comp = [results["onpolicy"][mode]["compliance"] for mode in MODES]
+        compute = {stage: self.compute(stage) for stage in ("offpolicy", *ARMS)}
+        # A cached teacher's ledger is in its cache entry; its wall-seconds are another run's.
+        compute["teacher"] = self.compute("teacher", Path(models["teacher"]).parent)
+
+        def passes(m: str) -> dict:
+            return {mode: results[m][mode].get("pass_at_k", {}) for mode in MODES}
+
         return {
             "models": results,
+            "arms": {a: {**{mode: {"accuracy": acc[a][mode], "pass_at_k": passes(a)[mode],
+                                   "compliance": results[a][mode]["compliance"],
+                                   "hard": results[a].get(f"{mode}/hard")} for mode in MODES},
+                         "flops": compute[a]["flops"], "seconds": compute[a]["seconds"],
+                         "cpu_seconds": compute[a]["cpu_seconds"]} for a in ARMS},
+            "compute": compute,
+            "curves": curves,
             "paths": {m: str(p) for m, p in models.items()},
             "steps": {"teacher": self.cfg.demo.teacher.steps, "offpolicy": self.cfg.train.steps,
-                      "onpolicy": self.cfg.onpolicy.steps, "control": self.cfg.onpolicy.steps},
+                      **{a: self.cfg.onpolicy.steps for a in ARMS}},
             "claims": {
-                "onpolicy_beats_control": {mode: acc["onpolicy"][mode] > acc["control"][mode]
-                                           for mode in ("think", "no_think")},
+                "onpolicy_beats_control": {mode: acc["onpolicy"][mode] > acc["control"][mode] for mode in MODES},
+                "onpolicy_beats_rl": {mode: acc["onpolicy"][mode] > acc["rl"][mode] for mode in MODES},
                 "onpolicy_vs_control_paired": self.paired("onpolicy", "control"),
-                "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode]
-                                            for mode in ("think", "no_think")},
+                "onpolicy_vs_rl_paired": self.paired("onpolicy", "rl"),
+                # What each arm did to pass@k (the report: RL leaves pass@64 flat, OPD raises it).
+                "pass_at_k_change": {a: {mode: {k: v - passes("offpolicy")[mode][k] for k, v in passes(a)[mode].items()}
+                                         for mode in MODES} for a in ARMS},
+                "rl_flops_over_onpolicy": compute["rl"]["flops"] / compute["onpolicy"]["flops"],
+                "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode] for mode in MODES},
                 "onpolicy_compliance_at_least_99pct": min(comp) >= 0.99,
             },
             "teacher_cached": self.teacher_cached,
@@ -305,6 +374,19 @@ class Demo:
             "config": str(self.config_path),
         }
 
+    def compute(self, stage: str, run_dir: Path | None = None) -> dict:
+        """A training stage's compute from its ledger (qwen3kd/trainer/ledger.py): FLOPs and
+        CPU-seconds summed over its steps, the wall-seconds inside its steps, and the stage's
+        wall-seconds as a whole (process start, model loads and the rollout engine's start
+        included)."""
+        from qwen3kd.tracking import read_metrics
+
+        rows = [r for r in read_metrics(run_dir or self.root / stage) if "compute/flops" in r]
+        return {"flops": sum(r["compute/flops"] for r in rows),
+                "cpu_seconds": round(sum(r["compute/cpu_seconds"] for r in rows), 1),
+                "step_seconds": round(sum(r["time/step"] for r in rows), 1),
+                "seconds": None if stage == "teacher" and self.teacher_cached else self.times[stage]}
+
     def paired(self, a: str, b: str) -> dict:
         """Per mode, the held-out problems only `a` solves and only `b` solves, and McNemar's z
         ((a_only − b_only) / √(a_only + b_only)): |z| > 1.96 is a difference at the 5 % level,
@@ -313,7 +395,7 @@ class Demo:
         right = {m: {(r["prompt_line"], r["mode"]): r["correct"] for r in map(
             json.loads, (samples / f"{m}.jsonl").read_text().splitlines())} for m in (a, b)}
         out = {}
-        for mode in ("think", "no_think"):
+        for mode in MODES:
             keys = [k for k in right[a] if k[1] == mode]
             only_a = sum(right[a][k] and not right[b][k] for k in keys)
             only_b = sum(right[b][k] and not right[a][k] for k in keys)
@@ -343,6 +425,8 @@ class Demo:
         for m in MODELS:
             metrics = {f"{k}/{mode}": v[k] for mode, v in summary["models"][m].items()
                        if mode != "all" for k in ("accuracy", "compliance", "think_tokens", "response_tokens")}
+            metrics.update({f"pass@{k}/{mode}": p for mode, v in summary["models"][m].items()
+                            if mode != "all" for k, p in v.get("pass_at_k", {}).items()})
             if m in self.run_ids:
                 run = MlflowRun.start(self.tracking_uri, self.cfg.tracking.experiment, self.root / m
                                       if m != "teacher" else Path(summary["paths"]["teacher"]).parent,
@@ -354,6 +438,9 @@ class Demo:
                                       self.cfg.tracking.timeout_s)
                 self.run_ids[m] = run.run_id
             run.log_metrics(metrics, step=0)
+            for point in summary["curves"].get(m, []):  # an arm's dev curve, at its own steps
+                run.log_metrics({"dev/flops": point["flops"],
+                                 **{f"dev/accuracy/{mode}": point[mode] for mode in MODES}}, step=point["step"])
             run.close()
             self.tracker.log_metrics({f"{m}/{k}": v for k, v in metrics.items()}, step=0)
         summary["mlflow"]["runs"] = self.run_ids
@@ -425,34 +512,59 @@ def _last_checkpoint(root: Path) -> Path:
     return found
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
 def verdict(summary: dict) -> str:
-    """The claims, in words, under the table."""
-    c, lines = summary["claims"], []
-    for mode, p in c["onpolicy_vs_control_paired"].items():
-        lines.append(f"{mode}: on-policy − control = "
-                     f"{summary['models']['onpolicy'][mode]['accuracy'] - summary['models']['control'][mode]['accuracy']:+.1%}"
-                     f" (problems only on-policy solves: {p['onpolicy_only']}, only control: "
-                     f"{p['control_only']}; McNemar z = {p['z']:+.2f}); gap to the teacher "
-                     f"{c['onpolicy_gap_to_teacher'][mode]:.1%}")
+    """The comparisons, in words, under the table."""
+    c, models, lines = summary["claims"], summary["models"], []
+    for other, name in (("rl", "RL"), ("control", "control")):
+        for mode, p in c[f"onpolicy_vs_{other}_paired"].items():
+            diff = models["onpolicy"][mode]["accuracy"] - models[other][mode]["accuracy"]
+            lines.append(f"{mode}: on-policy distillation − {name} = {diff:+.1%} (problems only "
+                         f"on-policy solves: {p['onpolicy_only']}, only {name}: {p[f'{other}_only']}; "
+                         f"McNemar z = {p['z']:+.2f})")
+    for arm, name in (("onpolicy", "on-policy distillation"), ("rl", "RL"), ("control", "control")):
+        changes = "; ".join(f"{mode} " + ", ".join(f"pass@{k} {v:+.1%}" for k, v in ks.items())
+                            for mode, ks in c["pass_at_k_change"][arm].items() if ks)
+        if changes:
+            lines.append(f"{name} vs the off-policy start: {changes}")
+    lines.append(f"RL spent {c['rl_flops_over_onpolicy']:.2f}× the FLOPs of on-policy distillation "
+                 f"(seconds: RL {summary['arms']['rl']['seconds']:.0f}, on-policy "
+                 f"{summary['arms']['onpolicy']['seconds']:.0f}, control {summary['arms']['control']['seconds']:.0f})")
+    lines.append("gap to the teacher after on-policy distillation: " + ", ".join(
+        f"{mode} {gap:.1%}" for mode, gap in c["onpolicy_gap_to_teacher"].items()))
     lines.append("on-policy mode compliance ≥ 99 % in both modes: "
                  + ("yes" if c["onpolicy_compliance_at_least_99pct"] else "no"))
     return "\n".join(lines) + "\n"
 
 
 def table(summary: dict) -> str:
-    """The demo's result table (markdown)."""
-    head = ("model", "accuracy think", "accuracy no_think", "compliance think",
-            "compliance no_think", "thinking tokens (think)", "thinking tokens (no_think)")
-    steps = summary["steps"]
+    """The demo's result table (markdown): greedy accuracy, pass@k at T = 1 and the hard stratum
+    per mode, compliance, thinking length, and the training compute of each model's own stage
+    (an arm's: from the off-policy checkpoint on)."""
+    steps, models, compute = summary["steps"], summary["models"], summary["compute"]
+    ks = sorted({k for r in models.values() for k in r["think"].get("pass_at_k", {})}, key=int)
+    ks = [k for k in ks if k in (ks[0], ks[-1])] if ks else []  # the smallest and the largest
+    head = ["model", "acc think", "acc no_think", *[f"pass@{k} {mode}" for mode in MODES for k in ks],
+            "acc think, ≥2 carries", "compliance think", "compliance no_think", "thinking tokens",
+            "train FLOPs", "train s"]
     label = {"teacher": f"teacher ({steps['teacher']} steps on ground truth)",
              "student-before": "student before distillation",
-             "offpolicy": f"student after off-policy ({steps['offpolicy']} steps)",
-             "onpolicy": f"student after on-policy (+{steps['onpolicy']} steps)",
-             "control": f"control: off-policy (+{steps['control']} steps)"}
+             "offpolicy": f"off-policy distillation ({steps['offpolicy']} steps)",
+             "control": f"control: off-policy (+{steps['control']} steps)",
+             "onpolicy": f"on-policy distillation (+{steps['onpolicy']} steps)",
+             "rl": f"RL, GRPO (+{steps['rl']} steps)"}
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in MODELS:
-        r = summary["models"][m]
-        lines.append(f"| {label[m]} | {r['think']['accuracy']:.1%} | {r['no_think']['accuracy']:.1%} | "
-                     f"{r['think']['compliance']:.1%} | {r['no_think']['compliance']:.1%} | "
-                     f"{r['think']['think_tokens']:.1f} | {r['no_think']['think_tokens']:.1f} |")
+        r, c = models[m], compute.get(m)
+        cells = [label[m], _pct(r["think"]["accuracy"]), _pct(r["no_think"]["accuracy"]),
+                 *[_pct(r[mode].get("pass_at_k", {}).get(k)) for mode in MODES for k in ks],
+                 _pct(r.get("think/hard", {}).get("accuracy")),
+                 _pct(r["think"]["compliance"]), _pct(r["no_think"]["compliance"]),
+                 f"{r['think']['think_tokens']:.1f}",
+                 f"{c['flops']:.2e}" if c else "–",
+                 ("cached" if c["seconds"] is None else f"{c['seconds']:.0f}") if c else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

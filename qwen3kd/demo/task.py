@@ -56,6 +56,18 @@ class Problem:
         return f"{self.a} {self.op} {self.b} = {self.result}"
 
     @property
+    def carries(self) -> int:
+        """Columns whose sum (or product plus carry) reaches 10: the length of what a direct
+        answer has to resolve before its first digit."""
+        n, carry, width = 0, 0, len(str(self.a)) if self.op == "*" else len(str(max(self.a, self.b)))
+        for col in range(width):
+            x = self.a // 10**col % 10
+            total = x + self.b // 10**col % 10 + carry if self.op == "+" else x * self.b + carry
+            carry = total // 10
+            n += carry > 0
+        return n
+
+    @property
     def reasoning(self) -> str:
         """Column by column, ones first, each with its carry."""
         lines, carry, width = [], 0, len(str(self.a)) if self.op == "*" else len(str(max(self.a, self.b)))
@@ -92,7 +104,8 @@ def split_problems(n_train: int, n_eval: int, seed: int,
                    ops: tuple[str, ...] = OPS) -> tuple[list[Problem], list[Problem]]:
     """Train / held-out problems from the same distribution: the held-out ones are distinct and
     never appear in training. Training problems may repeat (there are only ~800 products of a
-    two-digit and a one-digit number, and half of the problems are products)."""
+    two-digit and a one-digit number, and half of the problems are products). The demo splits
+    the held-out problems into its test set (the first) and its dev set (the rest)."""
     rng = np.random.default_rng(seed)
     held_out: dict[Problem, None] = {}
     while len(held_out) < n_eval:
@@ -112,8 +125,13 @@ def conversation(p: Problem, mode: str) -> dict:
     return {"messages": [{"role": "user", "content": p.question}, msg], "mode": mode}
 
 
+HARD_CARRIES = 2  # the "hard" stratum of the evaluation: problems with at least two carries
+
+
 def prompt_line(p: Problem, mode: str | None = None) -> dict:
     line = {"messages": [{"role": "user", "content": p.question}], "answer": str(p.result)}
+    if p.carries >= HARD_CARRIES:
+        line["stratum"] = "hard"
     if mode is not None:
         line["mode"] = mode
     return line

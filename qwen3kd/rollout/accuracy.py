@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -218,6 +219,7 @@ def run_eval(cfg: JobConfig, models: dict[str, Path], engine_factory=None) -> di
     groups: dict[str, list[str]] = {}
     for name, folder in folders.items():
         groups.setdefault(architecture(folder), []).append(name)
+    start = time.perf_counter()
     for names in groups.values():
         make = engine_factory or (lambda f: VllmEngine(f, tok, rcfg, max_len, cfg.data.end_of_turn,
                                                        in_process=True))
@@ -239,6 +241,9 @@ def run_eval(cfg: JobConfig, models: dict[str, Path], engine_factory=None) -> di
                 log.info("%s: %s", name, "; ".join(
                     f"{m}: accuracy {v['accuracy']:.3f}, compliance {v['compliance']:.3f}, "
                     f"thinking {v['think_tokens']:.1f} tokens" for m, v in metrics.items() if m != "all"))
+                done, elapsed = len(results), time.perf_counter() - start
+                log.info("model %d/%d (%s) evaluated, ETA %.0f s", done, len(folders), name,
+                         elapsed / done * (len(folders) - done))
         finally:
             engine.close()
     results = {name: results[name] for name in models}  # the order given

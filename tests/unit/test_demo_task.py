@@ -66,6 +66,18 @@ def test_conversation_and_prompt_lines():
     assert "reasoning_content" not in task.conversation(p, "no_think")["messages"][1]
     assert task.prompt_line(p) == {"messages": [{"role": "user", "content": "What is 12 * 3?"}],
                                    "answer": "36"}
+    # Two carries or more: the evaluation's "hard" stratum.
+    assert task.prompt_line(task.Problem(347, "+", 285))["stratum"] == "hard"
+
+
+def test_carries_are_the_columns_of_the_reasoning_that_reach_ten():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        p = task.sample_problem(rng)
+        totals = [int(re.findall(r"= (\d+)", line)[-1]) for line in p.reasoning.splitlines()]
+        assert p.carries == sum(t >= 10 for t in totals), (p, p.reasoning)
+    assert [task.Problem(*x).carries for x in [(347, "+", 285), (999, "+", 1), (12, "+", 3), (15, "*", 7)]] \
+        == [2, 3, 0, 2]
 
 
 def _rollout(tok, text: str, mode: Mode) -> Rollout:
