@@ -425,7 +425,7 @@ class Demo:
         for m in MODELS:
             metrics = {f"{k}/{mode}": v[k] for mode, v in summary["models"][m].items()
                        if mode != "all" for k in ("accuracy", "compliance", "think_tokens", "response_tokens")}
-            metrics.update({f"pass@{k}/{mode}": p for mode, v in summary["models"][m].items()
+            metrics.update({f"pass_at_{k}/{mode}": p for mode, v in summary["models"][m].items()
                             if mode != "all" for k, p in v.get("pass_at_k", {}).items()})
             if m in self.run_ids:
                 run = MlflowRun.start(self.tracking_uri, self.cfg.tracking.experiment, self.root / m

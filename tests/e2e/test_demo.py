@@ -100,7 +100,7 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
     on = client.get_run(runs["onpolicy"]).data.metrics
     assert "rollout/probe_gap" in on and "train/kl" in client.get_run(runs["offpolicy"]).data.metrics
     assert "rollout/reward/think" in client.get_run(runs["rl"]).data.metrics
-    assert "pass@2/think" in client.get_run(runs["teacher"]).data.metrics
+    assert "pass_at_2/think" in client.get_run(runs["teacher"]).data.metrics
     for arm in ARMS:  # the dev curve at its steps
         history = client.get_metric_history(runs[arm], "dev/accuracy/think")
         assert sorted(m.step for m in history) == [3, 4, 5], arm
