@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml Makefile cpu-excludes.txt
 	touch $(STAMP)
 
 # Two workers: much of the suite waits on one core (vLLM's engine processes importing, the
-# scheduler of the SLURM tests), so two cores run it ~1.5× sooner. TEST_WORKERS=0: one process.
+# scheduler of the SLURM tests), so the second core would be idle (README: measured times).
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -p no:cacheprovider --durations=15 \

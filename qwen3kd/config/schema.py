@@ -388,6 +388,10 @@ class DemoConfig:
     # Every `curve_interval` steps each arm keeps a checkpoint that the eval stage scores on the
     # dev problems (greedy): accuracy against steps and against FLOPs. 0: no curves.
     curve_interval: int = 25
+    # The RL arm's learning rates (optim.lr, optim.min_lr) are the schedule's × this. At the
+    # distillation rates GRPO diverged on the demo (README): RL is run an order of magnitude lower,
+    # as RL practice does.
+    rl_lr_scale: float = 0.1
     nproc: int = 1  # processes per training stage (torchrun); the layout is parallel.*
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     # The student before distillation. None: random init. A list of teacher layers: the trained

@@ -85,6 +85,10 @@ class Demo:
                               f"(GRPO) needs >= 2 answers per prompt (both on-policy arms use it)")
         if cfg.demo.curve_interval < 0 or cfg.demo.dev_problems < 0:
             raise ConfigError("demo.curve_interval and demo.dev_problems must be >= 0")
+        if cfg.demo.curve_interval and not cfg.demo.dev_problems:
+            raise ConfigError("demo.curve_interval > 0 needs demo.dev_problems > 0 (the curves' problems)")
+        if cfg.demo.rl_lr_scale <= 0:
+            raise ConfigError(f"demo.rl_lr_scale must be > 0, got {cfg.demo.rl_lr_scale}")
         _check_student_layers(cfg)
         self.cfg, self.config_path = cfg, config_path
         self.base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -267,6 +271,9 @@ class Demo:
         else:
             changes.update({"phases": ["offpolicy", "onpolicy"],
                             "onpolicy.objective": "grpo" if name == "rl" else "kd"})
+        if name == "rl":
+            scale = self.cfg.demo.rl_lr_scale
+            changes.update({"optim.lr": self.cfg.optim.lr * scale, "optim.min_lr": self.cfg.optim.min_lr * scale})
         if self.cfg.demo.curve_interval:  # the checkpoints of the dev curve
             changes.update({"checkpoint.interval": self.cfg.demo.curve_interval, "checkpoint.keep_last": 0})
         return self._distill(name, assets, teacher, data, **changes)

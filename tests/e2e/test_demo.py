@@ -84,8 +84,13 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
         assert curve[0]["think"] == summary["curves"]["control"][0]["think"]  # the same model
         assert curve[-1]["flops"] == pytest.approx(summary["arms"][arm]["flops"])
     # Each stage's config is a config qwen3kd loads (rerunnable by hand).
-    for stage in ("generate", "offpolicy", *ARMS, "eval", "curves"):
-        load_config(root / stage / "stage.yaml")
+    stages = {stage: load_config(root / stage / "stage.yaml")
+              for stage in ("generate", "offpolicy", *ARMS, "eval", "curves")}
+    # The RL arm learns at demo.rl_lr_scale of the schedule; the other arms at the schedule's rates.
+    base = load_config(CONFIG, overrides)
+    assert stages["rl"].optim.lr == pytest.approx(base.optim.lr * base.demo.rl_lr_scale)
+    assert stages["onpolicy"].optim.lr == stages["control"].optim.lr == base.optim.lr
+    assert stages["rl"].onpolicy.objective.value == "grpo" and stages["onpolicy"].onpolicy.objective.value == "kd"
 
     # MLflow: one parent, a nested run per model, each with its accuracy.
     client = MlflowClient(summary["mlflow"]["uri"])

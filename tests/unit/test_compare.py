@@ -1,5 +1,6 @@
 """`qwen3kd compare` on a real MLflow sqlite store: the table (key metrics, parents, only the config
-keys that differ) and the plots (KL per mode over steps, accuracy per phase)."""
+keys that differ) and the plots (KL per mode over steps, accuracy per phase, dev curves against
+steps and FLOPs)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def store(tmp_path, monkeypatch):
                              "train/loss": 1.0 / step}, step)
         run.log_metrics({"accuracy/think": 0.5 if name == "offpolicy" else 0.75,
                          "accuracy/no_think": 0.25}, 0)
+        for step in (0, 5):  # a dev curve, as the demo's arms have
+            run.log_metrics({"dev/accuracy/think": 0.4 + step * kl0 / 50, "dev/accuracy/no_think": 0.2,
+                             "dev/flops": step * kl0 * 1e9}, step)
         run.close()
         runs[name] = run.run_id
     parent.close()
@@ -50,7 +54,7 @@ def test_compare_an_experiment_writes_the_table_and_plots(store, tmp_path, capsy
     assert on[header.index("parent")] == "demo" and on[header.index("status")] == "FINISHED"
     # Only the keys whose values differ; bookkeeping (run.dir) and equal ones (model.name) are not shown.
     assert "| optim.lr |" in text and "model.name" not in text and "run.dir" not in text
-    for png, min_width in (("kl_by_mode.png", 800), ("accuracy.png", 400)):
+    for png, min_width in (("kl_by_mode.png", 800), ("accuracy.png", 400), ("dev_curves.png", 800)):
         image = matplotlib.image.imread(out / png)
         assert image.ndim == 3 and image.shape[1] >= min_width and image.std() > 0  # not blank
 

@@ -41,6 +41,8 @@ def test_depth_pruned_student_is_the_teacher_without_the_dropped_layers(tmp_path
     (["onpolicy.steps=0"], r"onpolicy.steps must be > 0"),
     (["onpolicy.group_size=1"], r"onpolicy.group_size=1: the RL arm \(GRPO\) needs >= 2"),
     (["demo.curve_interval=-1"], r"demo.curve_interval and demo.dev_problems must be >= 0"),
+    (["demo.rl_lr_scale=0"], r"demo.rl_lr_scale must be > 0, got 0"),
+    (["demo.dev_problems=0"], r"demo.curve_interval > 0 needs demo.dev_problems > 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
