@@ -1,6 +1,7 @@
 """`qwen3kd` command line: the only place that parses arguments.
 
     qwen3kd train CONFIG [key=value …] [--dry-run] [--debug]
+    qwen3kd prepare CONFIG [key=value …] [--workers N] [--debug]
     qwen3kd generate CONFIG [key=value …] [--debug]
     qwen3kd eval CONFIG --model NAME=PATH [--model …] [key=value …] [--debug]
     qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate config and layout, print sizes; build no tensors")
     t.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    r = sub.add_parser("prepare", help="tokenize data.path and data.eval_path once into indexed "
+                       "datasets, where `train` with the same config reads them")
+    r.add_argument("config", help="the experiment YAML that `train` will run")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cache=/shared/prepared")
+    r.add_argument("--workers", type=int, help="rendering processes (default data.prepare_workers)")
+    r.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     g = sub.add_parser("generate", help="the teacher answers generate.prompts (off-policy data; "
                        "resumable, in shards)")
     g.add_argument("config", help="YAML with teacher.load, generate.prompts and rollout settings")
@@ -107,6 +114,28 @@ def _dry_run(cfg, layout) -> None:
                   f"({tc.total / 1e9:.3f} B), active per token {tc.active:,}",
                   "teacher layout: " + t.describe().splitlines()[0], memory_table(cfg, layout, t)]
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def prepare(args) -> int:
+    """Prepare what `train CONFIG` reads (data/prepared.py): the same folders, checked and with
+    their packing index, so the run starts without tokenizing."""
+    from pathlib import Path
+
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.config.schema import DataKind
+    from qwen3kd.trainer.data import open_file_data, open_tokenizer
+
+    workers = [] if args.workers is None else [f"data.prepare_workers={args.workers}"]
+    cfg = load_config(args.config, [*args.overrides, *workers], layout=False)  # one process, any layout
+    if cfg.data.kind is DataKind.synthetic:
+        log.info("data.kind=synthetic: nothing to prepare")
+        return 0
+    tok, tok_dir = open_tokenizer(cfg)
+    for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+        if path:
+            data = open_file_data(cfg, Path(path), tok, tok_dir)
+            sys.stdout.write(f"{key}: {path} → {data.folder} ({len(data)} rows)\n")
+    return 0
 
 
 def train(args) -> int:
@@ -254,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.debug)
     try:
-        commands = {"train": train, "generate": generate, "eval": evaluate, "convert": convert,
+        commands = {"train": train, "prepare": prepare, "generate": generate, "eval": evaluate, "convert": convert,
                     "demo": demo, "compare": compare, "submit": submit}
         return commands[args.command](args)
     except UserError as e:

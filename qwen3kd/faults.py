@@ -3,9 +3,10 @@ SIGKILL itself when it reaches POINT at STEP, so a test can kill a real run at a
 
 Points: `after_checkpoint` (the step's checkpoint is complete), `during_checkpoint` (its data is
 written but it was not renamed into place yet), `after_shard` (`qwen3kd generate`: shard STEP is
-written; STEP is 0-based, the NNNNN of its file shard-NNNNN.jsonl), `engine_dead` (on-policy:
-the rollout engine's processes are killed before STEP's rollouts; the trainer lives on and must
-stop cleanly). Unset in normal runs: then this does nothing.
+written; STEP is 0-based, the NNNNN of its file shard-NNNNN.jsonl), `prepare_chunk` (`qwen3kd
+prepare`: chunk STEP (0-based) of the lines is written into its unfinished shard), `engine_dead`
+(on-policy: the rollout engine's processes are killed before STEP's rollouts; the trainer lives
+on and must stop cleanly). Unset in normal runs: then this does nothing.
 """
 
 from __future__ import annotations

@@ -84,11 +84,12 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                check_files: bool = True) -> JobConfig:
+                check_files: bool = True, layout: bool = True) -> JobConfig:
     """Merge defaults ← YAML (with includes) ← overrides; validate (the paths too unless
-    `check_files` is false); return it read-only."""
+    `check_files` is false; only the data keys without `layout`: a command that runs in one
+    process for any layout, `qwen3kd prepare`); return it read-only."""
     # Imported here: validate needs the layout, which needs the model schema (not torch).
-    from qwen3kd.config.validate import validate
+    from qwen3kd.config.validate import validate, validate_data
 
     schema = OmegaConf.structured(JobConfig)
     cfg = schema.copy()
@@ -112,7 +113,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         raise _explain(e, schema, str(path or "config")) from None
     if missing:
         raise ConfigError(f"{path or 'config'}: required config key(s) not set: {', '.join(missing)}")
-    validate(cfg, check_files=check_files)
+    if layout:
+        validate(cfg, check_files=check_files)
+    else:
+        validate_data(cfg, check_files)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # a DictConfig typed like JobConfig (attribute access, enums kept)
 

@@ -183,7 +183,9 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.synthetic
-    path: str | None = None  # for kind=tokens and kind=chat
+    # kind=tokens and kind=chat: a JSONL file, prepared on first use (data/prepared.py), or a
+    # folder `qwen3kd prepare` wrote. The trainer reads prepared data only.
+    path: str | None = None
     # kind=chat: a Hugging Face tokenizer folder (tokenizer files + chat template). None: the
     # student's checkpoint.load folder (or its hf/ folder).
     tokenizer: str | None = None
@@ -195,6 +197,11 @@ class DataConfig:
     # The token that closes an assistant turn; the loss covers the answer up to and including it.
     end_of_turn: str = "<|im_end|>"
     shuffle: bool = True  # shuffle samples (seeded by train.seed) before packing
+    # Where a JSONL data.path / eval_path is prepared on first use, in a folder named by a hash of
+    # its content, tokenizer and settings; None: a `.prepared` folder beside the JSONL.
+    cache: str | None = None
+    prepare_workers: int = 0  # rendering processes of a prepare; 0: one per CPU core
+    prepare_shard_lines: int = 100_000  # source lines per shard: the unit a killed prepare redoes
 
 
 @dataclass

@@ -106,6 +106,15 @@ def _check_train(cfg: JobConfig, dp: int) -> None:
         )
 
 
+def validate_data(cfg: JobConfig, check_files: bool = True) -> None:
+    """The data.* keys (and, with check_files, the paths): all `qwen3kd prepare` needs checked."""
+    if cfg.data.prepare_workers < 0 or cfg.data.prepare_shard_lines < 1:
+        raise ConfigError(f"data.prepare_workers={cfg.data.prepare_workers} must be >= 0 and "
+                          f"data.prepare_shard_lines={cfg.data.prepare_shard_lines} >= 1")
+    if check_files:
+        _check_paths(cfg)
+
+
 def _check_paths(cfg: JobConfig) -> None:
     d = cfg.data
     from qwen3kd.config.schema import Phase
@@ -114,10 +123,10 @@ def _check_paths(cfg: JobConfig) -> None:
     if d.kind.value in ("tokens", "chat") and (Phase.offpolicy in cfg.phases or cfg.teacher is None):
         if not d.path:
             raise ConfigError(f"data.kind={d.kind.value} needs data.path")
-        if not Path(d.path).is_file():
-            raise ConfigError(f"data.path: file not found: {d.path}")
-    if d.eval_path and not Path(d.eval_path).is_file():
-        raise ConfigError(f"data.eval_path: file not found: {d.eval_path}")
+        if not Path(d.path).exists():
+            raise ConfigError(f"data.path: not found: {d.path} (a JSONL file or a prepared folder)")
+    if d.eval_path and not Path(d.eval_path).exists():
+        raise ConfigError(f"data.eval_path: not found: {d.eval_path} (a JSONL file or a prepared folder)")
     for key, value in (("data.tokenizer", d.tokenizer),
                        ("teacher.tokenizer", cfg.teacher.tokenizer if cfg.teacher else None)):
         if value and not Path(value).is_dir():
@@ -214,8 +223,7 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_files: bool = 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_train(cfg, layout.dp)
-    if check_files:
-        _check_paths(cfg)
+    validate_data(cfg, check_files)
     _check_distillation(cfg, layout, check_files)
     _check_phases(cfg, layout.dp, check_files)
     return layout

@@ -100,61 +100,15 @@ def collate(rows: list[Row], seq: int) -> MicroBatch:
     )
 
 
-class PackedSamples:
-    """Chat samples in rows of at most seq_length + 1 tokens.
-
-    Packing is best-fit decreasing within blocks of `block` samples (in the shuffled order):
-    each sample, longest first, goes into the open row it fills best. Online first-fit in a random
-    order wastes ~20 % of the rows when samples are a sizeable fraction of a row; best-fit
-    decreasing is within 11/9 of the fewest rows possible, and blocks keep it O(n log n) with the
-    rows of one block mixed from the same part of the shuffled data. Inside a row samples keep
-    their shuffled order; the rows themselves are then shuffled (seeded), so an epoch does not run
-    from the long samples to the short ones. Without packing, each sample is a row of its own.
-    """
-
-    def __init__(self, samples, seq: int, pack: bool, shuffle: bool, seed: int, block: int = 8192):
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(samples)) if shuffle else np.arange(len(samples))
-        self.samples, cap = samples, seq + 1
-        if pack:
-            self.rows = []
-            for b in range(0, len(order), block):
-                self.rows += _best_fit_decreasing(order[b: b + block], samples, cap)
-            if shuffle:
-                self.rows = [self.rows[i] for i in rng.permutation(len(self.rows))]
-        else:
-            self.rows = [[int(i)] for i in order]
-        used = sum(len(s.ids) for s in samples)
-        self.fill = used / (max(len(self.rows), 1) * cap)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def row_samples(self, index: int) -> list:
-        return [self.samples[i] for i in self.rows[index % len(self.rows)]]
-
-    def row(self, index: int, seq: int) -> Row:
-        parts = self.row_samples(index)
-        ids = np.concatenate([s.ids for s in parts]).astype(np.int64)
-        segments = np.concatenate([np.full(len(s.ids), k) for k, s in enumerate(parts)])
-        mask = np.zeros(len(ids), dtype=np.float32)
-        modes = np.zeros(len(ids), dtype=np.int64)
-        start = 0
-        for s in parts:
-            # Position t predicts token t + 1: the answer's first token is learned at the last
-            # prompt position; the sample's last token predicts a neighbour (not learned).
-            mask[start + s.prompt_len - 1: start + len(s.ids) - 1] = 1.0
-            modes[start: start + len(s.ids)] = s.mode
-            start += len(s.ids)
-        return Row(ids=ids, mask=mask[:-1], segments=segments, modes=modes[:-1])
-
-
 def pack_rows(rows: list[Row], seq: int) -> list[Row]:
     """Rows of one sample each (e.g. rollouts) packed best-fit decreasing into rows of at most
     seq + 1 tokens; each sample keeps its mask and modes and attends only to itself."""
+    from qwen3kd.data.packing import best_fit_decreasing
+
     out = []
-    for group in _best_fit_decreasing(np.arange(len(rows)), rows, seq + 1):
-        parts = [rows[i] for i in group]
+    ptr, members = best_fit_decreasing(np.array([len(r.ids) for r in rows]), seq + 1)
+    for lo, hi in zip(ptr[:-1], ptr[1:], strict=True):
+        parts = [rows[i] for i in members[lo:hi]]
         # A sample's last position would predict the next sample's first token: never learned.
         mask = np.concatenate([np.append(r.mask, 0.0) for r in parts])[:-1].astype(np.float32)
         modes = adv = None
@@ -172,26 +126,3 @@ def empty_row(pad_id: int) -> Row:
     """A row that learns nothing (fills a micro-batch)."""
     return Row(ids=np.array([pad_id], dtype=np.int64), mask=np.zeros(0, dtype=np.float32),
                modes=np.zeros(0, dtype=np.int64))
-
-
-def _best_fit_decreasing(indices: np.ndarray, samples, cap: int) -> list[list[int]]:
-    """Rows of sample indices (each row's samples in the order of `indices`)."""
-    import bisect
-
-    rank = {int(i): k for k, i in enumerate(indices)}
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is a bisect away
-    for i in sorted(rank, key=lambda i: (-len(samples[i].ids), rank[i])):
-        n = len(samples[i].ids)
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            rows.append([i])
-            bisect.insort(free, (cap - n, len(rows) - 1))
-        else:
-            left, r = free.pop(k)
-            rows[r].append(i)
-            bisect.insort(free, (left - n, r))
-    for r in rows:
-        r.sort(key=rank.__getitem__)
-    rows.sort(key=lambda r: rank[r[0]])
-    return rows

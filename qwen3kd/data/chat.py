@@ -118,10 +118,8 @@ class ChatRenderer:
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
                                             enable_thinking=thinking)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def samples(self, msgs: list[dict], mode: Mode, line: int) -> list[ChatSample]:
+    def texts(self, msgs: list[dict], mode: Mode) -> list[tuple[int, str, str, Mode]]:
+        """Per assistant turn: (its index, the prompt text, the answer text, its mode)."""
         thinking = mode is Mode.think
         out = []
         for i, m in enumerate(msgs):
@@ -138,51 +136,81 @@ class ChatRenderer:
             if not full.startswith(prompt):
                 raise ValueError(f"assistant message {i}: the chat template renders the "
                                  "conversation differently from its generation prompt")
-            answer = self._encode(full[len(prompt):])
-            if self.eot not in answer:
-                raise ValueError(f"assistant message {i}: no end-of-turn token "
-                                 f"(data.end_of_turn) after the answer")
-            answer = answer[: answer.index(self.eot) + 1]  # the template's trailing newline is not generated
-            ids = np.asarray(self._encode(prompt) + answer, dtype=np.int32)
-            out.append(ChatSample(ids, len(ids) - len(answer),
-                                  MODES.index(turn_mode(msgs, i, mode)), line, i))
+            out.append((i, prompt, full[len(prompt):], turn_mode(msgs, i, mode)))
         return out
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts in one call (the fast tokenizer's batch path)."""
+        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def sample(self, turn: int, mode: Mode, prompt: list[int], answer: list[int], line: int) -> ChatSample:
+        if self.eot not in answer:
+            raise ValueError(f"assistant message {turn}: no end-of-turn token "
+                             f"(data.end_of_turn) after the answer")
+        answer = answer[: answer.index(self.eot) + 1]  # the template's trailing newline is not generated
+        ids = np.asarray(prompt + answer, dtype=np.int32)
+        return ChatSample(ids, len(ids) - len(answer), MODES.index(mode), line, turn)
+
+
+def render_lines(lines: list[tuple[int, str]], renderer: ChatRenderer, cfg: DataConfig,
+                 max_tokens: int, vocab_size: int, path, stats: LoadStats) -> list[list[ChatSample]]:
+    """Numbered JSONL lines (blank ones left out) → per line, its samples with the over-length
+    policy applied (`max_tokens` = seq_length + 1: inputs and the last label), counted in `stats`.
+    A malformed line is a DataError naming `path` and the line, or is skipped and counted
+    (data.bad_line=skip). The texts of all lines are encoded in one batch."""
+    parsed, texts = [], []
+    for n, text in lines:
+        stats.lines += 1
+        try:
+            turns = renderer.texts(*_messages(json.loads(text), cfg.default_mode))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            parsed.append((n, e))
+            continue
+        parsed.append((n, turns))
+        texts += [t for _, prompt, answer, _ in turns for t in (prompt, answer)]
+    ids = iter(renderer.encode(texts))
+    out = []
+    for n, turns in parsed:
+        try:
+            if isinstance(turns, Exception):
+                raise turns
+            rendered = [(turn, mode, next(ids), next(ids)) for turn, _, _, mode in turns]
+            samples = [renderer.sample(turn, mode, p, a, n) for turn, mode, p, a in rendered]
+            for s in samples:
+                if s.ids.max(initial=0) >= vocab_size:
+                    raise ValueError(f"token id {int(s.ids.max())} >= model.vocab_size={vocab_size}")
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            if cfg.bad_line is BadLine.skip:
+                stats.skipped_lines += 1
+                log.debug("%s:%d: skipped: %s", path, n, e)
+                out.append([])
+                continue
+            raise DataError(f"{path}:{n}: bad sample: {e}") from None
+        kept = []
+        for s in samples:
+            if len(s.ids) > max_tokens:
+                # Truncating needs at least one answer token left to learn from.
+                if cfg.overlong is Overlong.drop or s.prompt_len >= max_tokens:
+                    stats.dropped += 1
+                    continue
+                s.ids = s.ids[:max_tokens]
+                stats.truncated += 1
+            kept.append(s)
+        stats.samples += len(kept)
+        out.append(kept)
+    return out
 
 
 def load_chat(path: Path, tokenizer, cfg: DataConfig, max_tokens: int,
               vocab_size: int) -> tuple[list[ChatSample], LoadStats]:
-    """Every sample of a JSONL file, with the over-length policy applied (`max_tokens` =
-    seq_length + 1: inputs and the last label). A malformed line is a DataError naming the
-    file and line, or is skipped and counted (data.bad_line=skip)."""
+    """Every sample of a JSONL file, in memory (`render_lines` over the whole file): what
+    `qwen3kd prepare` writes, for tests and small tools; the trainer reads prepared data."""
     renderer = ChatRenderer(tokenizer, cfg.end_of_turn)
-    stats, samples = LoadStats(), []
+    stats = LoadStats()
     with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            stats.lines += 1
-            try:
-                msgs, mode = _messages(json.loads(text), cfg.default_mode)
-                rendered = renderer.samples(msgs, mode, n)
-                for s in rendered:
-                    if s.ids.max(initial=0) >= vocab_size:
-                        raise ValueError(f"token id {int(s.ids.max())} >= model.vocab_size={vocab_size}")
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                if cfg.bad_line is BadLine.skip:
-                    stats.skipped_lines += 1
-                    log.debug("%s:%d: skipped: %s", path, n, e)
-                    continue
-                raise DataError(f"{path}:{n}: bad sample: {e}") from None
-            for s in rendered:
-                if len(s.ids) > max_tokens:
-                    # Truncating needs at least one answer token left to learn from.
-                    if cfg.overlong is Overlong.drop or s.prompt_len >= max_tokens:
-                        stats.dropped += 1
-                        continue
-                    s.ids = s.ids[:max_tokens]
-                    stats.truncated += 1
-                samples.append(s)
-    stats.samples = len(samples)
+        lines = [(n, text) for n, text in enumerate(f, 1) if text.strip()]
+    samples = [s for per_line in render_lines(lines, renderer, cfg, max_tokens, vocab_size, path, stats)
+               for s in per_line]
     if not samples:
         raise DataError(f"{path}: no usable samples ({stats.describe()})")
     return samples, stats
@@ -195,14 +223,3 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot load a tokenizer: {e}") from None
-
-
-def open_chat(path: str | Path, tokenizer, cfg: DataConfig, seq: int, vocab_size: int, seed: int):
-    """A chat JSONL file as packed rows (data/batches.PackedSamples); logs what was dropped."""
-    from qwen3kd.data.batches import PackedSamples
-
-    samples, stats = load_chat(Path(path), tokenizer, cfg, seq + 1, vocab_size)
-    data = PackedSamples(samples, seq, cfg.pack, cfg.shuffle, seed)
-    log.info("%s: %s; %d rows of %d tokens (%.0f%% filled)", path, stats.describe(), len(data),
-             seq + 1, 100 * data.fill)
-    return data

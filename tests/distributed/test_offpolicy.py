@@ -171,3 +171,40 @@ def test_conformance_failures_and_bad_data_stop_before_training(toy_assets, tmp_
         assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert not (tmp_path / override[:12] / "checkpoints").exists()
     assert "training despite: chat templates differ" in forced.result().stderr
+
+
+def test_a_jsonl_and_its_prepared_folder_train_alike_bitwise(toy_assets, tmp_path):
+    """3 off-policy steps at TP=2 from the JSONL (prepared on first use) and from the folders
+    `qwen3kd prepare` wrote: the same losses, bit for bit; the two preparations the same bytes.
+    A bad line stops every rank with the same one-line error (rank 1 reads rank 0's)."""
+    from pathlib import Path
+
+    base = [CONFIG, *assets(toy_assets), "train.steps=3", "optim.warmup_steps=1", "eval.interval=1", "eval.log_samples=0",
+            "tracking.enabled=false"]
+    p = qwen3kd("prepare", *base, f"data.cache={tmp_path / 'prepared'}")
+    folders = {line.split(":")[0]: Path(line.split(" → ")[1].split(" (")[0])
+               for line in p.stdout.splitlines() if " → " in line}
+    assert set(folders) == {"data.path", "data.eval_path"}
+    lines = (toy_assets / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:5] + ["{not json"] + lines[5:]) + "\n")
+    with ThreadPoolExecutor(3) as pool:
+        jsonl = pool.submit(qwen3kd, "train", *base, f"data.cache={tmp_path / 'first-use'}",
+                            f"run.dir={tmp_path / 'jsonl'}", nproc=2)
+        prepared = pool.submit(qwen3kd, "train", *base, f"data.path={folders['data.path']}",
+                               f"data.eval_path={folders['data.eval_path']}", f"run.dir={tmp_path / 'prep'}",
+                               nproc=2)
+        failed = pool.submit(qwen3kd, "train", *base, f"data.path={bad}", f"run.dir={tmp_path / 'bad'}",
+                             nproc=2, check=False)
+        jsonl.result(), prepared.result()
+    a, b = read_metrics(tmp_path / "jsonl"), read_metrics(tmp_path / "prep")
+    assert len(a) == len(b) == 3
+    for key in (*METRICS, "eval/kl", "eval/ce", "train/tokens"):
+        assert [x[key] for x in a] == [x[key] for x in b], key
+    first_use = {f.relative_to(f.parents[1]): f.read_bytes() for f in (tmp_path / "first-use").glob("*/shard-*")}
+    ours = {f.relative_to(f.parents[1]): f.read_bytes() for f in (tmp_path / "prepared").glob("*/shard-*")}
+    assert first_use == ours and len(ours) == 2 * 6  # train, eval: .bin, .idx, flags .bin, .idx, .meta.npy, .done
+    p = failed.result()
+    assert p.returncode != 0
+    message = f"qwen3kd: error: {bad}:6: bad sample: Expecting property name"
+    assert p.stderr.count(message) == 2, p.stderr[-3000:]  # both ranks

@@ -7,9 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qwen3kd.config.schema import BadLine, DataConfig, Overlong
-from qwen3kd.data.batches import PackedSamples, collate
+from qwen3kd.config.schema import BadLine, DataConfig, DataKind, Overlong
+from qwen3kd.data.batches import collate, micro_batches
 from qwen3kd.data.chat import load_chat, load_tokenizer
+from qwen3kd.data.prepared import open_prepared, plan_of, prepare
 from qwen3kd.errors import DataError
 
 SEQ = 127  # rows of 128 tokens
@@ -25,6 +26,15 @@ def data_cfg(**kw) -> DataConfig:
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def prepared(tmp_path, path, tok, seq=SEQ, seed=0, workers=1, **kw):
+    """`path` prepared (qwen3kd prepare's code) and opened as the trainer opens it."""
+    cfg = data_cfg(**kw)
+    folder = tmp_path / f"{path.stem}-prepared"
+    plan = plan_of(path, DataKind.chat, tok, cfg, seq, 384)
+    prepare(path, folder, plan, tok.name_or_path, cfg, workers)
+    return open_prepared(folder, tok, cfg, DataKind.chat, seq, 384, seed, build_index=True)
 
 
 def write(tmp_path, *lines, name="d.jsonl"):
@@ -71,7 +81,7 @@ def test_two_turn_conversation_masks_exactly_the_answers(tmp_path, tok, mode):
         assert s.prompt_len == len(enc(prompt)) and s.mode == mode_id
 
     # Packed into one row, padded: position t is learned iff token t + 1 is an answer token.
-    data = PackedSamples(samples, SEQ, pack=True, shuffle=False, seed=0)
+    data = prepared(tmp_path, path, tok, shuffle=False)
     assert len(data) == 1
     mb = collate([data.row(0, SEQ)], SEQ)
     n1, n2 = len(samples[0].ids), len(samples[1].ids)
@@ -140,12 +150,60 @@ def test_packing_fills_rows_and_keeps_every_sample_once(tmp_path, tok):
     rng = np.random.default_rng(0)
     lines = [{"prompt": "Q" * int(rng.integers(1, 40)), "response": "A" * int(rng.integers(1, 40)),
               "mode": "think" if i % 2 else "no_think"} for i in range(60)]
-    samples, _ = load_chat(write(tmp_path, *lines), tok, data_cfg(), SEQ + 1, 384)
-    packed = PackedSamples(samples, SEQ, pack=True, shuffle=True, seed=3)
-    unpacked = PackedSamples(samples, SEQ, pack=False, shuffle=True, seed=3)
-    assert sorted(i for r in packed.rows for i in r) == list(range(len(samples)))
+    path = write(tmp_path, *lines)
+    samples, _ = load_chat(path, tok, data_cfg(), SEQ + 1, 384)
+    packed = prepared(tmp_path, path, tok, seed=3)
+    rows = [packed.members[a:b].tolist() for a, b in zip(packed.ptr[:-1], packed.ptr[1:], strict=True)]
+    (tmp_path / "unpacked").mkdir()
+    unpacked = prepared(tmp_path / "unpacked", path, tok, seed=3, pack=False)
+    assert sorted(i for r in rows for i in r) == list(range(len(samples)))
     lower_bound = -(-sum(len(s.ids) for s in samples) // (SEQ + 1))
     assert len(unpacked) == len(samples) and len(packed) <= 1.2 * lower_bound, (len(packed), lower_bound)
-    assert all(sum(len(samples[i].ids) for i in r) <= SEQ + 1 for r in packed.rows)
+    assert all(sum(len(samples[i].ids) for i in r) <= SEQ + 1 for r in rows)
     total = sum(packed.row(i, SEQ).mask.sum() for i in range(len(packed)))
     assert total == sum(len(s.ids) - s.prompt_len for s in samples)
+
+
+def reference_row(samples) -> dict:
+    """A packed row as the in-memory loader built it before prepared data (the oracle)."""
+    ids = np.concatenate([s.ids for s in samples]).astype(np.int64)
+    segments = np.concatenate([np.full(len(s.ids), k) for k, s in enumerate(samples)])
+    mask, modes, start = np.zeros(len(ids), np.float32), np.zeros(len(ids), np.int64), 0
+    for s in samples:
+        mask[start + s.prompt_len - 1: start + len(s.ids) - 1] = 1.0
+        modes[start: start + len(s.ids)] = s.mode
+        start += len(s.ids)
+    from qwen3kd.data.batches import Row
+
+    return Row(ids=ids, mask=mask[:-1], segments=segments, modes=modes[:-1])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepared_micro_batches_equal_the_in_memory_ones(tmp_path, tok, toy_assets, workers, monkeypatch):
+    """Every micro-batch of a prepared dataset (token ids, labels, loss masks, positions, sample
+    boundaries, modes) equals the one built in memory from the rendered JSONL with the
+    per-sample packer; with 2 worker processes and several shards and chunks too."""
+    from test_packing import reference_index
+
+    import qwen3kd.data.prepared as prep
+
+    monkeypatch.setattr(prep, "CHUNK_LINES", 50)
+    from qwen3kd.toy import write_chat
+
+    path = write_chat(tmp_path / "train.jsonl", 700, seed=5)
+    path.write_text(path.read_text() + "\n" + json.dumps({"messages": TWO_TURNS}) + "\n")  # multi-turn
+    data = prepared(tmp_path, path, tok, seed=11, workers=workers, prepare_shard_lines=200)
+    assert len(data.shards) == 4 and data.manifest["counts"]["lines"] == 701
+    samples, _ = load_chat(path, tok, data_cfg(), SEQ + 1, 384)
+    rows = reference_index(np.array([len(s.ids) for s in samples]), SEQ + 1, True, True, 11, 8192)
+    assert len(data) == len(rows)
+    # Sample order and identity: the prepared samples are the rendered ones, in file order.
+    assert [(s.line, s.turn) for r in range(len(data)) for s in data.row_samples(r)] == \
+        [(samples[i].line, samples[i].turn) for r in rows for i in r]
+    ref = [reference_row([samples[i] for i in r]) for r in rows]
+    for step in range(len(rows) // 8):
+        got = micro_batches(data, step * 8, 8, 4, 0, 1, SEQ)
+        want = [collate(ref[step * 8 + m * 4: step * 8 + m * 4 + 4], SEQ) for m in range(2)]
+        for g, w in zip(got, want, strict=True):
+            for f in ("tokens", "labels", "loss_mask", "position_ids", "segments", "modes"):
+                assert torch.equal(getattr(g, f), getattr(w, f)), (step, f)

@@ -47,7 +47,7 @@ def test_bad_input_is_one_line(tmp_path):
          "parallel.tensor=3 does not divide model.num_attention_heads=4"),
         ([cfg, "parallel.world_size=2"], "parallel.world_size=2 but the launcher started 1"),
         ([str(tmp_path / "nope.yaml")], "config file not found"),
-        ([cfg, "data.kind=tokens", f"data.path={tmp_path}/missing.jsonl"], "data.path: file not found"),
+        ([cfg, "data.kind=tokens", f"data.path={tmp_path}/missing.jsonl"], "data.path: not found"),
     ]
     for args, expected in cases:
         p = qwen3kd("train", *args, check=False, env={"WORLD_SIZE": "1"} if "world_size=2" in args[-1] else None)

@@ -113,7 +113,7 @@ def test_resolved_config_round_trips(tmp_path):
          "train.micro_batch_size × data-parallel size = 2 × 2 must divide train.global_batch_size=6"),
         (["train.seq_length=4096"], "train.seq_length=4096 exceeds model.max_position_embeddings=512"),
         (["data.kind=tokens"], "data.kind=tokens needs data.path"),
-        (["data.kind=tokens", "data.path=/nonexistent/x.jsonl"], "data.path: file not found: /nonexistent/x.jsonl"),
+        (["data.kind=tokens", "data.path=/nonexistent/x.jsonl"], "data.path: not found: /nonexistent/x.jsonl"),
         (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load: directory not found"),
         (["train.precision=fp8"], "train.precision=fp8 needs Transformer Engine"),
         (["model.num_key_value_heads=3"], "model.num_key_value_heads=3 must divide model.num_attention_heads=4"),

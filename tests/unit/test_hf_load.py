@@ -73,7 +73,7 @@ def test_training_starts_from_a_hugging_face_folder(tmp_path):
     from helpers import SMOKE, qwen3kd
 
     from qwen3kd.data.batches import micro_batches
-    from qwen3kd.data.lm import open_dataset
+    from qwen3kd.data.lm import SyntheticTokens
     from qwen3kd.tracking import read_metrics
 
     cfg = load_config(SMOKE / "lm-tiny-dense.yaml")
@@ -82,7 +82,7 @@ def test_training_starts_from_a_hugging_face_folder(tmp_path):
             "train.steps=1", "optim.warmup_steps=0", f"run.dir={tmp_path / 'run'}")
     first = read_metrics(tmp_path / "run")[0]["train/loss"]
     t = cfg.train
-    batches = micro_batches(open_dataset(cfg.data, t.seed, cfg.model.vocab_size), 0,
+    batches = micro_batches(SyntheticTokens(t.seed, cfg.model.vocab_size), 0,
                             t.global_batch_size, t.global_batch_size, 0, 1, t.seq_length)
     logits = hf_logits(hf_dir, batches[0].tokens)
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batches[0].labels.flatten())
