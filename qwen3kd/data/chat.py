@@ -43,6 +43,9 @@ class ChatSample:
     mode: int  # index into MODES
     line: int  # 1-based line in the source file
     turn: int  # index of the assistant message in the conversation
+    # [n − prompt_len] bool: which answer tokens are learned; None: all of them. False on the
+    # tokens of the turn's `no_loss` spans.
+    learned: np.ndarray | None = None
 
 
 @dataclass
@@ -84,6 +87,11 @@ def _messages(obj, default_mode: Mode) -> tuple[list[dict], Mode]:
         for key in ("content", "reasoning_content"):
             if key in m and not isinstance(m[key], str):
                 raise ValueError(f"message {i}: '{key}' must be a string")
+        spans = m.get("no_loss", [])
+        if not isinstance(spans, list) or not all(isinstance(x, str) and x for x in spans):
+            raise ValueError(f"message {i}: 'no_loss' must be a list of non-empty strings")
+        if spans and m["role"] != "assistant":
+            raise ValueError(f"message {i}: 'no_loss' belongs on an assistant message")
         if "content" not in m:
             raise ValueError(f"message {i}: no 'content'")
     if not any(m["role"] == "assistant" for m in msgs):
@@ -118,8 +126,9 @@ class ChatRenderer:
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
                                             enable_thinking=thinking)
 
-    def texts(self, msgs: list[dict], mode: Mode) -> list[tuple[int, str, str, Mode]]:
-        """Per assistant turn: (its index, the prompt text, the answer text, its mode)."""
+    def texts(self, msgs: list[dict], mode: Mode) -> list[tuple[int, str, str, Mode, list]]:
+        """Per assistant turn: (its index, the prompt text, the answer text, its mode, the
+        character ranges of its `no_loss` spans in the answer text)."""
         thinking = mode is Mode.think
         out = []
         for i, m in enumerate(msgs):
@@ -136,20 +145,44 @@ class ChatRenderer:
             if not full.startswith(prompt):
                 raise ValueError(f"assistant message {i}: the chat template renders the "
                                  "conversation differently from its generation prompt")
-            out.append((i, prompt, full[len(prompt):], turn_mode(msgs, i, mode)))
+            answer = full[len(prompt):]
+            out.append((i, prompt, answer, turn_mode(msgs, i, mode), _spans(m, i, answer)))
         return out
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts in one call (the fast tokenizer's batch path)."""
-        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    def encode(self, texts: list[str], offsets: bool = False):
+        """Token ids of many texts in one call (the fast tokenizer's batch path); with `offsets`
+        also each token's character range."""
+        if not texts:
+            return ([], []) if offsets else []
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 
-    def sample(self, turn: int, mode: Mode, prompt: list[int], answer: list[int], line: int) -> ChatSample:
+    def sample(self, turn: int, mode: Mode, prompt: list[int], answer: list[int], line: int,
+               spans: list[tuple[int, int]] = (), offsets: list[tuple[int, int]] | None = None) -> ChatSample:
         if self.eot not in answer:
             raise ValueError(f"assistant message {turn}: no end-of-turn token "
                              f"(data.end_of_turn) after the answer")
         answer = answer[: answer.index(self.eot) + 1]  # the template's trailing newline is not generated
         ids = np.asarray(prompt + answer, dtype=np.int32)
-        return ChatSample(ids, len(ids) - len(answer), MODES.index(mode), line, turn)
+        learned = None
+        if spans:
+            # A token that overlaps a span, even in part, is not learned.
+            learned = np.array([not any(a < end and start < b for start, end in spans)
+                                for a, b in offsets[: len(answer)]], dtype=bool)
+        return ChatSample(ids, len(ids) - len(answer), MODES.index(mode), line, turn, learned)
+
+
+def _spans(m: dict, i: int, answer: str) -> list[tuple[int, int]]:
+    """The character ranges, in the rendered answer text, of the message's `no_loss` spans: each
+    is a substring of its content or reasoning, found once (its first occurrence in the answer)."""
+    out = []
+    for span in m.get("no_loss", []):
+        at = answer.find(span)
+        if at < 0:
+            raise ValueError(f"assistant message {i}: no_loss span {span[:40]!r} is not in its "
+                             f"rendered text")
+        out.append((at, at + len(span)))
+    return out
 
 
 def render_lines(lines: list[tuple[int, str]], renderer: ChatRenderer, cfg: DataConfig,
@@ -167,15 +200,24 @@ def render_lines(lines: list[tuple[int, str]], renderer: ChatRenderer, cfg: Data
             parsed.append((n, e))
             continue
         parsed.append((n, turns))
-        texts += [t for _, prompt, answer, _ in turns for t in (prompt, answer)]
-    ids = iter(renderer.encode(texts))
+        texts += [t for _, prompt, answer, _, _ in turns for t in (prompt, answer)]
+    # Character offsets only when a span needs them (they cost the batch encode ~20 %).
+    with_spans = any(spans for _, turns in parsed if not isinstance(turns, Exception) for *_, spans in turns)
+    encoded = renderer.encode(texts, offsets=with_spans)
+    ids, offsets = (iter(encoded[0]), iter(encoded[1])) if with_spans else (iter(encoded), None)
     out = []
     for n, turns in parsed:
         try:
             if isinstance(turns, Exception):
                 raise turns
-            rendered = [(turn, mode, next(ids), next(ids)) for turn, _, _, mode in turns]
-            samples = [renderer.sample(turn, mode, p, a, n) for turn, mode, p, a in rendered]
+            samples = []
+            for turn, _, _, mode, spans in turns:
+                p, a = next(ids), next(ids)
+                off = None
+                if offsets is not None:
+                    next(offsets)
+                    off = next(offsets)
+                samples.append(renderer.sample(turn, mode, p, a, n, spans, off))
             for s in samples:
                 if s.ids.max(initial=0) >= vocab_size:
                     raise ValueError(f"token id {int(s.ids.max())} >= model.vocab_size={vocab_size}")
@@ -194,6 +236,8 @@ def render_lines(lines: list[tuple[int, str]], renderer: ChatRenderer, cfg: Data
                     stats.dropped += 1
                     continue
                 s.ids = s.ids[:max_tokens]
+                if s.learned is not None:
+                    s.learned = s.learned[: max_tokens - s.prompt_len]
                 stats.truncated += 1
             kept.append(s)
         stats.samples += len(kept)

@@ -125,7 +125,7 @@ class _Renderer:
         flags = []
         for s in samples:
             f = np.full(len(s.ids), s.mode << 1, dtype=np.uint8)
-            f[s.prompt_len:] |= LEARNED
+            f[s.prompt_len:] |= LEARNED if s.learned is None else s.learned.astype(np.uint8)
             flags.append(f)
         return {
             "ids": np.concatenate([s.ids for s in samples]).astype(np.int32) if samples else np.zeros(0, np.int32),

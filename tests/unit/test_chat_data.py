@@ -207,3 +207,51 @@ def test_prepared_micro_batches_equal_the_in_memory_ones(tmp_path, tok, toy_asse
         for g, w in zip(got, want, strict=True):
             for f in ("tokens", "labels", "loss_mask", "position_ids", "segments", "modes"):
                 assert torch.equal(getattr(g, f), getattr(w, f)), (step, f)
+
+
+def test_a_bad_line_in_a_worker_process_names_file_and_line(tmp_path, tok, monkeypatch):
+    import qwen3kd.data.prepared as prep
+    from qwen3kd.toy import write_chat
+
+    monkeypatch.setattr(prep, "CHUNK_LINES", 50)
+    path = write_chat(tmp_path / "train.jsonl", 300, seed=2)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:170] + ['{"prompt": "Hi"}'] + lines[170:]) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:171: bad sample: expected 'messages', or 'prompt' and"):
+        prepared(tmp_path, path, tok, workers=2)
+    assert not (tmp_path / "train-prepared" / "manifest.json").exists()
+
+
+WRONG = "tens: 4 + 8 + 1 = 14, carry 1\n"  # a wrong column line, then the line that checks it
+CORRECTED = {"role": "assistant", "content": "347 + 285 = 632", "no_loss": [WRONG],
+             "reasoning_content": "ones: 7 + 5 = 12, carry 1\n" + WRONG
+             + "check: tens 4 + 8 + 1 = 13, carry 1\nhundreds: 3 + 2 + 1 = 6"}
+
+
+def test_a_no_loss_span_is_in_the_input_and_carries_no_loss(tmp_path, tok):
+    """A hand-written answer with a wrong line that must be seen (the check after it refers to
+    it) but never learned: its tokens are inputs, their labels are masked; every other answer
+    token is learned, the prompt is not."""
+    path = write(tmp_path, {"messages": [{"role": "user", "content": "What is 347 + 285?"}, CORRECTED],
+                            "mode": "think"})
+    (s,), _ = load_chat(path, tok, data_cfg(), 256, 384)
+    answer = s.ids[s.prompt_len:].tolist()
+    assert tok.decode([t for t, keep in zip(answer, s.learned, strict=True) if not keep]) == WRONG
+    assert tok.decode([t for t, keep in zip(answer, s.learned, strict=True) if keep]) == (
+        "<think>\nones: 7 + 5 = 12, carry 1\ncheck: tens 4 + 8 + 1 = 13, carry 1\n"
+        "hundreds: 3 + 2 + 1 = 6\n</think>\n\n347 + 285 = 632<|im_end|>")
+    # Prepared, the flags carry it into the row's loss mask: label t is learned iff token t + 1 is.
+    row = prepared(tmp_path, path, tok, seq=255, shuffle=False).row(0, 255)
+    assert row.ids.tolist() == s.ids.tolist()
+    learned = np.r_[np.zeros(s.prompt_len, bool), s.learned]
+    assert row.mask.tolist() == learned[1:].astype(np.float32).tolist()
+    assert tok.decode(row.ids[1:][row.mask == 0][s.prompt_len - 1:].tolist()) == WRONG
+
+
+@pytest.mark.parametrize("span, why", [("carry 9", "no_loss span 'carry 9' is not in its rendered text"),
+                                       (3, "'no_loss' must be a list of non-empty strings")])
+def test_a_bad_no_loss_span_names_the_line(tmp_path, tok, span, why):
+    path = write(tmp_path, GOOD, {"messages": [{"role": "user", "content": "What is 347 + 285?"},
+                                               {**CORRECTED, "no_loss": [span]}], "mode": "think"})
+    with pytest.raises(DataError, match=rf"{path}:2: bad sample: .*{why}"):
+        load_chat(path, tok, data_cfg(), SEQ + 1, 384)
