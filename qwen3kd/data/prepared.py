@@ -72,9 +72,11 @@ def tokenizer_hashes(tok) -> dict[str, str | None]:
     chat template (None without a tokenizer: data.kind=tokens may have none)."""
     if tok is None:
         return {"token_map_sha256": None, "chat_template_sha256": None}
-    vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
-    return {"token_map_sha256": hashlib.sha256(vocab).hexdigest(),
-            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
+    # The hashes of the run's lineage tags.
+    from qwen3kd.tracking.lineage import text_hash, vocab_hash
+
+    return {"token_map_sha256": vocab_hash(tok.get_vocab()),
+            "chat_template_sha256": text_hash(tok.chat_template or "")}
 
 
 def plan_of(src: Path, kind: DataKind, tok, d: DataConfig, seq_length: int, vocab_size: int) -> dict:
@@ -95,7 +97,7 @@ def _content_settings(d: DataConfig, kind: DataKind) -> dict:
 
 def cache_folder(src: Path, plan: dict, cache: str | None) -> Path:
     root = Path(cache) if cache else src.parent / ".prepared"
-    key = hashlib.sha256(json.dumps({k: v for k, v in plan.items()}, sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     return root / f"{src.stem}-{key[:12]}"
 
 
