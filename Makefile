@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,rollout-cpu
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo study lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 # in runs/demo-cache, so a second run skips its training.
 demo: $(STAMP)
 	$(VENV)/bin/qwen3kd demo configs/experiments/demo-arithmetic-cpu.yaml
+
+# The pre-registered study (study/protocol.md): the demo's pipeline per variant × seed, resumable,
+# then its analysis (runs/study/report.md). README, "The study".
+study: $(STAMP)
+	$(VENV)/bin/qwen3kd study run configs/experiments/study-cpu.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,8 +4,9 @@
     qwen3kd prepare CONFIG [key=value …] [--workers N] [--debug]
     qwen3kd generate CONFIG [key=value …] [--debug]
     qwen3kd eval CONFIG --model NAME=PATH [--model …] [key=value …] [--debug]
-    qwen3kd convert SRC DST --to megatron|hf [--model PRESET] [--dtype …] [--debug]
+    qwen3kd convert SRC DST [SRC DST …] --to megatron|hf [--model PRESET] [--dtype …] [--debug]
     qwen3kd demo CONFIG [key=value …] [--debug]
+    qwen3kd study run|report CONFIG [key=value …] [--debug]
     qwen3kd compare [RUN_ID …] [--experiment NAME] --uri URI [--out DIR] [--debug]
     qwen3kd submit CONFIG --nodes N [--nproc-per-node G] [--command C] [--sbatch ARG …] [key=value …]
 
@@ -52,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Hugging Face folder or Megatron checkpoint to evaluate (repeatable)")
     e.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     c = sub.add_parser("convert", help="Hugging Face folder <-> Megatron checkpoint (streamed)")
-    c.add_argument("src", help="a Hugging Face folder, or a Megatron checkpoint (incl. training)")
-    c.add_argument("dst", help="the new directory (must not exist)")
+    c.add_argument("paths", nargs="+", metavar="SRC DST",
+                   help="pairs: a Hugging Face folder or a Megatron checkpoint (incl. training), then "
+                   "the new directory (must not exist); several pairs convert in one process")
     c.add_argument("--to", required=True, choices=["megatron", "hf"])
     c.add_argument("--model", help="model preset YAML: checked against SRC; needed for Megatron "
                    "checkpoints not written by qwen3kd")
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("config", help="experiment YAML (e.g. configs/experiments/demo-arithmetic-cpu.yaml)")
     d.add_argument("overrides", nargs="*", help="key=value overrides")
     d.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    st = sub.add_parser("study", help="the pre-registered study (study/protocol.md): the demo for "
+                        "every variant × seed (run, resumable), then the protocol's analysis (report)")
+    st.add_argument("action", choices=["run", "report"])
+    st.add_argument("config", help="study YAML (e.g. configs/experiments/study-cpu.yaml)")
+    st.add_argument("overrides", nargs="*", help="key=value overrides")
+    st.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     s = sub.add_parser("submit", help="check a job, then queue it on SLURM (launch/slurm/"
                        "qwen3kd.sbatch): prints the sbatch command")
     s.add_argument("config", help="experiment YAML")
@@ -230,6 +238,24 @@ def demo(args) -> int:
     return 0
 
 
+def study(args) -> int:
+    from pathlib import Path
+
+    from qwen3kd.config.loader import load_config
+    from qwen3kd.demo.pipeline import StageError
+    from qwen3kd.study.run import Study
+
+    cfg = load_config(args.config, args.overrides)
+    s = Study(cfg, Path(args.config))
+    try:
+        s.run() if args.action == "run" else s.report()
+    except StageError as e:
+        sys.stderr.write(f"qwen3kd: error: {e}\n")
+        return 1
+    sys.stdout.write((s.root / "report.md").read_text() + f"\nreport: {s.root / 'report.json'}\n")
+    return 0
+
+
 def submit(args) -> int:
     from qwen3kd.submit import submit as run_submit
 
@@ -252,14 +278,20 @@ def convert(args) -> int:
 
     from qwen3kd.checkpoint import convert as conv
     from qwen3kd.config.loader import load_config
+    from qwen3kd.errors import ConfigError
 
+    if len(args.paths) % 2:
+        raise ConfigError(f"qwen3kd convert: SRC DST pairs expected, got {len(args.paths)} paths")
     preset = load_config(args.model).model if args.model else None
     try:
-        if args.to == "megatron":
-            conv.hf_to_megatron(Path(args.src), Path(args.dst), preset)
-        else:
-            conv.megatron_to_hf(Path(args.src), Path(args.dst), preset, conv.DTYPES.get(args.dtype),
-                                int(args.max_shard_size * 1e9))
+        # One process for many pairs: its imports and torch.distributed world are the cost of a
+        # small conversion (`qwen3kd eval` exports a dozen dev-curve checkpoints at once).
+        for src, dst in zip(args.paths[::2], args.paths[1::2], strict=True):
+            if args.to == "megatron":
+                conv.hf_to_megatron(Path(src), Path(dst), preset)
+            else:
+                conv.megatron_to_hf(Path(src), Path(dst), preset, conv.DTYPES.get(args.dtype),
+                                    int(args.max_shard_size * 1e9))
     finally:
         import torch.distributed as dist
 
@@ -284,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.debug)
     try:
         commands = {"train": train, "prepare": prepare, "generate": generate, "eval": evaluate, "convert": convert,
-                    "demo": demo, "compare": compare, "submit": submit}
+                    "demo": demo, "study": study, "compare": compare, "submit": submit}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

@@ -94,6 +94,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     schema = OmegaConf.structured(JobConfig)
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.tracking.tags, False)  # free-form: any tag name
     for src, data in _layers(Path(path)) if path else []:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))

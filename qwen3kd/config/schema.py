@@ -278,6 +278,9 @@ class TrackingConfig:
     experiment: str = "qwen3kd"
     timeout_s: float = 10.0  # an unreachable server costs at most about this, then is skipped
     parent_run_id: str | None = None  # nest the run under this MLflow run (a pipeline's, e.g. the demo)
+    # Tags set on the run (and on every run of a pipeline: `qwen3kd study` tags each run with
+    # its protocol's version and commit).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -366,6 +369,13 @@ class AccuracyConfig:
     pass_k: list[int] = field(default_factory=lambda: [1, 4])
 
 
+class DemoVariant(str, Enum):
+    """The task variants of the study (study/protocol.md)."""
+
+    plain = "plain"  # the demo's task
+    recoverable = "recoverable"  # think traces may repair a slip with a check line (demo.slip_rate)
+
+
 @dataclass
 class DemoTeacherConfig:
     """How `qwen3kd demo` trains its toy teacher (cross-entropy on the task's ground truth, both
@@ -373,6 +383,8 @@ class DemoTeacherConfig:
 
     steps: int = 1000
     global_batch_size: int = 16
+    # The teacher's own seed (not train.seed): every seed of a study distils from one teacher.
+    seed: int = 1234
     lr: float = 3e-3
     min_lr: float = 3e-4
     decay: LRDecay = LRDecay.cosine
@@ -387,6 +399,13 @@ class DemoConfig:
 
     cache: str = "runs/demo-cache"  # task assets and trained teachers, reused while their settings match
     seed: int = 0
+    variant: DemoVariant = DemoVariant.plain
+    # recoverable: the share of think-mode ground-truth traces with one slip (a column total off
+    # by 1 or 2, a span without loss) and the check line that repairs it (qwen3kd/demo/task.py)
+    slip_rate: float = 0.5
+    # recoverable: the teacher gate's held-out prefixes (half end with a slip), checked before the
+    # arms run (qwen3kd/study/gate.py); a failed gate stops the demo
+    gate_problems: int = 1000
     train_problems: int = 40000  # ground-truth conversations the teacher is trained on
     prompts: int = 2000  # training-split prompts: answered by the teacher in both modes (off-policy
     # data) and answered by the student on-policy
@@ -400,11 +419,31 @@ class DemoConfig:
     # as RL practice does.
     rl_lr_scale: float = 0.1
     nproc: int = 1  # processes per training stage (torchrun); the layout is parallel.*
+    # The evaluation and the dev curves run at once (up to this many stages; the CPU's threads
+    # shared among them): much of each is one busy core (a fresh interpreter importing, exporting
+    # checkpoints, vLLM's engine starting). 1: in turn. (The arms always run in turn.)
+    concurrent_stages: int = 2
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     # The student before distillation. None: random init. A list of teacher layers: the trained
     # teacher with only those layers kept (depth pruning, as Minitron and DistilBERT initialise
     # their students); the student preset must then be the teacher's with that many layers.
     student_layers: list[int] | None = None
+
+
+@dataclass
+class StudyConfig:
+    """`qwen3kd study run|report` (qwen3kd/study/run.py): the pre-registered study
+    (study/protocol.md): the demo's pipeline (demo.*) for every variant × seed, then the
+    protocol's analysis. A seed sets train.seed and rollout.seed; the task's problems
+    (demo.seed) and the teacher (demo.teacher.seed) are the same for every seed."""
+
+    protocol: str = "study/protocol.md"  # its version and last commit are tagged on every run
+    protocol_version: int = 1
+    variants: list[DemoVariant] = field(default_factory=lambda: [DemoVariant.plain, DemoVariant.recoverable])
+    seeds: list[int] = field(default_factory=lambda: [100, 101])  # dev seeds (the protocol's test seeds: 0, 1, 2)
+    margin: float = 0.03  # the equivalence margin δ, in accuracy (3 points)
+    alpha: float = 0.05  # family-wise, Holm over the primary hypotheses
+    resamples: int = 10000  # hierarchical bootstrap
 
 
 @dataclass
@@ -434,6 +473,7 @@ class JobConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # never: start from checkpoint.load (or random init); auto: continue from the newest complete
     # checkpoint under checkpoint.dir if there is one; or the path of one step checkpoint.

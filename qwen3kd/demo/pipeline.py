@@ -40,12 +40,15 @@ import subprocess
 import sys
 import time
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-from qwen3kd.config.schema import JobConfig
+from qwen3kd.config.schema import DemoVariant, JobConfig
+from qwen3kd.demo import task
 from qwen3kd.errors import ConfigError
 from qwen3kd.files import write_text_atomic
 
@@ -61,6 +64,10 @@ MODES = ("think", "no_think")
 
 class StageError(RuntimeError):
     """A stage's command failed; the message names the stage and its log."""
+
+
+class GateFailed(StageError):
+    """recoverable: the teacher does not repair slips well enough for the variant to test."""
 
 
 PROGRESS_S = 15.0
@@ -87,6 +94,8 @@ class Demo:
             raise ConfigError("demo.curve_interval and demo.dev_problems must be >= 0")
         if cfg.demo.curve_interval and not cfg.demo.dev_problems:
             raise ConfigError("demo.curve_interval > 0 needs demo.dev_problems > 0 (the curves' problems)")
+        if cfg.demo.concurrent_stages < 1:
+            raise ConfigError(f"demo.concurrent_stages must be >= 1, got {cfg.demo.concurrent_stages}")
         if cfg.demo.rl_lr_scale <= 0:
             raise ConfigError(f"demo.rl_lr_scale must be > 0, got {cfg.demo.rl_lr_scale}")
         _check_student_layers(cfg)
@@ -96,6 +105,8 @@ class Demo:
         self.cache = Path(cfg.demo.cache).resolve()
         self.times: dict[str, float] = {}
         self.run_ids: dict[str, str] = {}
+        self.sharing = 1  # stages running at once: they share the CPU's threads
+        self.gate_result = None  # recoverable: the teacher gate's rates
 
     # ---- running commands ---------------------------------------------------------------
     def _run(self, stage: str, args: list[str], nproc: int = 1, cwd: Path | None = None) -> None:
@@ -110,7 +121,8 @@ class Demo:
             cmd = [sys.executable, "-m", "qwen3kd.cli", *args]
         logfile = (cwd or self.root / stage) / "log.txt"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+        threads = max(1, os.cpu_count() // (nproc * self.sharing))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
         log.info("demo: %s: qwen3kd %s (log: %s)", stage, args[0], logfile)
         shown = time.perf_counter()
         with open(logfile, "w") as f, subprocess.Popen(
@@ -150,41 +162,95 @@ class Demo:
         log.info("demo: %s done in %.0f s", stage, self.times[stage])
         return out
 
+    def _concurrently(self, stages: dict[str, tuple]) -> dict:
+        """Independent stages ({name: (fn, *args)}), up to demo.concurrent_stages at once (each a
+        child process driven from a thread here); their results by name. A failure is raised
+        once the others have finished (a stage is never left running unwatched)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        width = min(self.cfg.demo.concurrent_stages, len(stages))
+        self.sharing = width
+        start = time.perf_counter()
+        try:
+            with ThreadPoolExecutor(width) as pool:
+                futures = {name: pool.submit(self._timed, name, *job) for name, job in stages.items()}
+            out = {name: f.result() for name, f in futures.items()}
+        finally:
+            self.sharing = 1
+        if width > 1:
+            log.info("demo: %s done at once in %.0f s", ", ".join(stages), time.perf_counter() - start)
+        return out
+
     # ---- stages -------------------------------------------------------------------------
     def assets(self) -> Path:
         from qwen3kd.data.toy_tokenizer import build_toy_tokenizer, default_corpus
-        from qwen3kd.demo import task
 
         d = self.cfg.demo
+        recoverable = d.variant is DemoVariant.recoverable
         spec = {"version": CACHE_VERSION, "seed": d.seed, "train": d.train_problems,
                 "prompts": d.prompts, "eval": d.eval_problems, "dev": d.dev_problems,
                 "vocab": self.cfg.model.vocab_size}
+        if recoverable:  # (the plain task's key stays what it was: its cache entries hold)
+            spec.update(variant=d.variant.value, slip_rate=d.slip_rate, gate=d.gate_problems)
         out = self.cache / f"assets-{_key(spec)}"
         if (out / DONE).is_file():
             log.info("demo: assets from the cache (%s)", out)
             return out
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
+        held = d.eval_problems + d.dev_problems
         train, held_out = task.split_problems(d.train_problems + d.prompts,
-                                              d.eval_problems + d.dev_problems, d.seed)
+                                              held + (d.gate_problems if recoverable else 0), d.seed)
         truth, prompts = train[: d.train_problems], train[d.train_problems:]
-        build_toy_tokenizer(out / "tokenizer", corpus=task.corpus(train[:3000]) + task.chat_corpus(train[:500])
-                            + default_corpus(), vocab_size=min(376, self.cfg.model.vocab_size))
-        task.write_jsonl(out / "truth.jsonl", [task.conversation(p, "think" if i % 2 == 0 else "no_think")
-                                               for i, p in enumerate(truth)])
+        rng = np.random.default_rng([d.seed, 1])  # the slips'
+        slips = [task.random_slip(p, rng) if recoverable and i % 2 == 0 and rng.random() < d.slip_rate
+                 else None for i, p in enumerate(truth)]
+        text = task.corpus(train[:3000]) + task.chat_corpus(train[:500]) + default_corpus()
+        text += [p.corrected_reasoning(*s)[0] for p, s in zip(truth[:3000], slips, strict=False) if s]
+        build_toy_tokenizer(out / "tokenizer", corpus=text, vocab_size=min(376, self.cfg.model.vocab_size))
+        task.write_jsonl(out / "truth.jsonl", [task.conversation(p, "think" if i % 2 == 0 else "no_think", s)
+                                               for i, (p, s) in enumerate(zip(truth, slips, strict=True))])
         task.write_jsonl(out / "prompts.jsonl", [task.prompt_line(p) for p in prompts])
         task.write_jsonl(out / "eval.jsonl", [task.prompt_line(p) for p in held_out[: d.eval_problems]])
-        task.write_jsonl(out / "dev.jsonl", [task.prompt_line(p) for p in held_out[d.eval_problems:]])
+        task.write_jsonl(out / "dev.jsonl", [task.prompt_line(p) for p in held_out[d.eval_problems: held]])
+        if recoverable:
+            task.write_jsonl(out / "gate.jsonl", [task.prompt_line(p) for p in held_out[held:]])
         write_text_atomic(out / "spec.json", json.dumps(spec, indent=1) + "\n")
         write_text_atomic(out / DONE, "")
         return out
 
+    def gate(self, assets: Path, teacher: Path) -> dict:
+        """recoverable: the teacher gate (qwen3kd/study/gate.py) on the held-out gate problems,
+        greedy in an in-process vLLM engine; written to <run.dir>/gate.json; a failed gate stops
+        the demo (GateFailed) before any arm runs."""
+        from qwen3kd.data.chat import load_tokenizer
+        from qwen3kd.rollout.prompts import load_prompts
+        from qwen3kd.rollout.vllm_engine import VllmEngine
+        from qwen3kd.study.gate import run_gate, vllm_completer
+
+        problems = [task.parse_question(p.messages[-1]["content"]) for p in load_prompts(assets / "gate.jsonl")]
+        tok = load_tokenizer(teacher)
+        rcfg = replace(OmegaConf.to_object(self.cfg.rollout), temperature=0.0, top_p=1.0, top_k=0,
+                       thinking_budget=None, max_new_tokens=32)
+        engine = VllmEngine(teacher, tok, rcfg, self.cfg.train.seq_length + 1, self.cfg.data.end_of_turn,
+                            in_process=True)
+        try:
+            result = run_gate(problems, vllm_completer(engine, tok), seed=self.cfg.demo.seed).as_dict()
+        finally:
+            engine.close()
+        write_text_atomic(self.root / "gate.json", json.dumps(result, indent=1) + "\n")
+        if not result["passed"]:
+            raise GateFailed(f"teacher gate failed ({result}): the recoverable variant is void "
+                             f"(study/protocol.md, section 4)")
+        return result
+
     def teacher_entry(self, assets: Path) -> Path:
         """The teacher's cache entry: named by a hash of everything that decides its weights."""
         t = self.base
+        recipe = {k: v for k, v in t["demo"]["teacher"].items() if k != "seed"}
         spec = {"version": CACHE_VERSION, "assets": assets.name, "model": t["teacher"]["model"],
-                "recipe": t["demo"]["teacher"], "train": {k: t["train"][k] for k in (
-                    "seq_length", "micro_batch_size", "seed", "precision")},
+                "recipe": recipe, "train": {**{k: t["train"][k] for k in (
+                    "seq_length", "micro_batch_size", "precision")}, "seed": t["demo"]["teacher"]["seed"]},
                 "nproc": self.cfg.demo.nproc, "parallel": t["parallel"], "optim": t["optim"]}
         return self.cache / f"teacher-{_key(spec)}"
 
@@ -202,7 +268,7 @@ class Demo:
         d["model"], d["teacher"], d["phases"], d["resume"] = d["teacher"]["model"], None, ["offpolicy"], "never"
         d["data"].update(kind="chat", path=str(assets / "truth.jsonl"), eval_path=None,
                          tokenizer=str(assets / "tokenizer"))
-        d["train"].update(steps=r.steps, global_batch_size=r.global_batch_size)
+        d["train"].update(steps=r.steps, global_batch_size=r.global_batch_size, seed=r.seed)
         d["optim"].update(lr=r.lr, min_lr=r.min_lr, decay=r.decay.value, warmup_steps=r.warmup_steps)
         d["eval"]["interval"] = 0
         d["checkpoint"].update(load=None, interval=0, save_final=True, keep_last=1)
@@ -290,20 +356,18 @@ class Demo:
         return json.loads((run_dir / "accuracy.json").read_text())
 
     def curves(self, assets: Path, start: Path) -> dict[str, list[dict]]:
-        """Per arm, its dev curve: at the branch point (the off-policy model, as exported by the
-        eval stage) and at each kept checkpoint, the step, the FLOPs the arm has spent since the
-        branch point and the greedy dev accuracy per mode."""
+        """Per arm, its dev curve: at the branch point (the off-policy checkpoint `start`) and at
+        each kept checkpoint, the step, the FLOPs the arm has spent since the branch point and
+        the greedy dev accuracy per mode. (It exports the checkpoints it scores itself, so that
+        it runs beside the eval stage.)"""
         from qwen3kd.checkpoint.training import complete_checkpoints
         from qwen3kd.tracking import read_metrics
 
-        exported = self.root / "eval" / "eval_models"
         branch = int(start.name.split("_")[-1])
-        models = {f"offpolicy@{branch}": exported / "offpolicy"}
+        models = {f"offpolicy@{branch}": start}
         for arm in ARMS:
-            kept = complete_checkpoints(self.root / arm / "checkpoints")
-            for step, path in kept:
-                # The last one is the arm's model, exported already.
-                models[f"{arm}@{step}"] = exported / arm if step == kept[-1][0] else path
+            for step, path in complete_checkpoints(self.root / arm / "checkpoints"):
+                models[f"{arm}@{step}"] = path
         results = self.evaluate(assets, models, "curves", "dev.jsonl", samples=0)
         out = {}
         for arm in ARMS:
@@ -323,24 +387,51 @@ class Demo:
         try:
             assets = self._timed("assets", self.assets)
             teacher = self._timed("teacher", self.teacher, assets)
+            if self.cfg.demo.variant is DemoVariant.recoverable:
+                self.gate_result = self._timed("gate", self.gate, assets, teacher)
             student = self._timed("student", self.student, assets, teacher)
             data = self._timed("generate", self.generate, assets, teacher)
             offpolicy = self._timed("offpolicy", self.offpolicy, assets, teacher, student, data)
+            # The arms run in turn: at once, three trainers and two rollout engines on 2 cores took
+            # 1.5× as long as in turn (README, "The demo").
             arms = {a: self._timed(a, self.arm, a, assets, teacher, data, offpolicy) for a in ARMS}
             models = {"teacher": teacher, "student-before": student, "offpolicy": offpolicy, **arms}
-            results = self._timed("eval", self.evaluate, assets, models)
-            curves = self._timed("curves", self.curves, assets, offpolicy) if self.cfg.demo.curve_interval else {}
+            done = self._concurrently({"eval": (self.evaluate, assets, models), **(
+                {"curves": (self.curves, assets, offpolicy)} if self.cfg.demo.curve_interval else {})})
+            results, curves = done["eval"], done.get("curves", {})
         except BaseException:
             self._close_parent("FAILED")
             raise
         self.times["total"] = round(time.perf_counter() - start, 1)
-        summary = self.summary(results, models, curves)
+        summary = self.summary(assets, results, models, curves)
         write_text_atomic(self.root / "summary.json", json.dumps(summary, indent=1) + "\n")
         self._track(summary)
         self._close_parent("FINISHED")
         return summary
 
-    def summary(self, results: dict, models: dict[str, Path], curves: dict) -> dict:
+    def recovery(self, assets: Path) -> dict:
+        """recoverable: per model, how its greedy think traces on the test problems handle their
+        own slips (task.read_checks): the self-check rate after a wrong column line, the share of
+        checks that repair it, and false alarms after right lines."""
+        from qwen3kd.rollout.prompts import load_prompts
+
+        problems = {p.line: task.parse_question(p.messages[-1]["content"])
+                    for p in load_prompts(assets / "eval.jsonl")}
+        out = {}
+        for m in MODELS:
+            sums = dict.fromkeys(("errors", "checked", "corrected", "right", "false_alarms"), 0)
+            for line in (self.root / "eval" / "accuracy.samples" / f"{m}.jsonl").read_text().splitlines():
+                r = json.loads(line)
+                thinking = r["response"].partition("<think>")[2].partition("</think>")[0]
+                if r["mode"] == "think" and thinking:
+                    for k, v in task.read_checks(problems[r["prompt_line"]], thinking).items():
+                        sums[k] += v
+            out[m] = {**sums, "self_check_rate": sums["checked"] / max(sums["errors"], 1),
+                      "correction_success": sums["corrected"] / max(sums["checked"], 1),
+                      "false_alarm_rate": sums["false_alarms"] / max(sums["right"], 1)}
+        return out
+
+    def summary(self, assets: Path, results: dict, models: dict[str, Path], curves: dict) -> dict:
         acc = {m: {mode: results[m][mode]["accuracy"] for mode in MODES} for m in MODELS}
         comp = [results["onpolicy"][mode]["compliance"] for mode in MODES]
         compute = {stage: self.compute(stage) for stage in ("offpolicy", *ARMS)}
@@ -374,6 +465,9 @@ class Demo:
                 "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode] for mode in MODES},
                 "onpolicy_compliance_at_least_99pct": min(comp) >= 0.99,
             },
+            "variant": self.cfg.demo.variant.value,
+            "gate": self.gate_result,
+            "recovery": self.recovery(assets) if self.cfg.demo.variant is DemoVariant.recoverable else None,
             "teacher_cached": self.teacher_cached,
             "seconds": self.times,
             "mlflow": {"uri": self.tracking_uri, "experiment": self.cfg.tracking.experiment,
@@ -418,8 +512,10 @@ class Demo:
         from qwen3kd.tracking.mlflow_run import MlflowRun
 
         params = {"config": str(self.config_path), "demo.cache": str(self.cache)}
-        run = MlflowRun.start(t.uri, t.experiment, self.root, self.cfg.run.name, params,
-                              {"qwen3kd.demo": "parent"}, t.timeout_s)
+        tags = {**t.tags, "qwen3kd.demo": "parent", "qwen3kd.variant": self.cfg.demo.variant.value}
+        if t.parent_run_id:  # a study's unit
+            tags["mlflow.parentRunId"] = t.parent_run_id
+        run = MlflowRun.start(t.uri, t.experiment, self.root, self.cfg.run.name, params, tags, t.timeout_s)
         return run.uri, run.run_id if run.active else None, run
 
     def _track(self, summary: dict) -> None:

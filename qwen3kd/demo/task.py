@@ -26,6 +26,7 @@ Prompts and reference answers are JSONL lines `{"messages": [user], "mode"?, "an
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,33 +60,70 @@ class Problem:
     def carries(self) -> int:
         """Columns whose sum (or product plus carry) reaches 10: the length of what a direct
         answer has to resolve before its first digit."""
-        n, carry, width = 0, 0, len(str(self.a)) if self.op == "*" else len(str(max(self.a, self.b)))
-        for col in range(width):
+        return sum(total >= 10 for _, total in self.columns())
+
+    @property
+    def width(self) -> int:
+        return len(str(self.a)) if self.op == "*" else len(str(max(self.a, self.b)))
+
+    def columns(self) -> list[tuple[int, int]]:
+        """Per column, ones first: (the carry into it, its total)."""
+        out, carry = [], 0
+        for col in range(self.width):
             x = self.a // 10**col % 10
             total = x + self.b // 10**col % 10 + carry if self.op == "+" else x * self.b + carry
+            out.append((carry, total))
             carry = total // 10
-            n += carry > 0
-        return n
+        return out
+
+    def line(self, col: int, total: int | None = None) -> str:
+        """Column `col`'s reasoning line, with its true total, or with `total` written instead (a
+        wrong line: its carry follows from the wrong total, as a slip's would)."""
+        carry, true = self.columns()[col]
+        total = true if total is None else total
+        x = self.a // 10**col % 10
+        if self.op == "+":
+            y = self.b // 10**col % 10
+            step = f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {total}"
+        elif carry:
+            # Two small steps rather than one: the product (a table fact), then the carry in.
+            step = f"{x} * {self.b} = {x * self.b}, {x * self.b} + {carry} = {total}"
+        else:
+            step = f"{x} * {self.b} = {total}"
+        last = col == self.width - 1
+        return f"{COLUMNS[col]}: {step}" + (f", carry {total // 10}" if total // 10 and not last else "")
 
     @property
     def reasoning(self) -> str:
         """Column by column, ones first, each with its carry."""
-        lines, carry, width = [], 0, len(str(self.a)) if self.op == "*" else len(str(max(self.a, self.b)))
-        for col in range(width):
-            x = self.a // 10**col % 10
-            if self.op == "+":
-                y = self.b // 10**col % 10
-                terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
-                total = x + y + carry
-                step = f"{terms} = {total}"
-            else:
-                # Two small steps rather than one: the product (a table fact), then the carry in.
-                total = x * self.b + carry
-                step = f"{x} * {self.b} = {x * self.b}" + (f", {x * self.b} + {carry} = {total}" if carry else "")
-            carry = total // 10
-            last = col == width - 1
-            lines.append(f"{COLUMNS[col]}: {step}" + (f", carry {carry}" if carry and not last else ""))
-        return "\n".join(lines)
+        return "\n".join(self.line(col) for col in range(self.width))
+
+    def wrong_total(self, col: int, rng: np.random.Generator) -> int:
+        """A plausible slip in column `col`: its total off by 1 or 2 (never negative)."""
+        true = self.columns()[col][1]
+        options = [true + d for d in (-2, -1, 1, 2) if true + d >= 0]
+        return int(options[int(rng.integers(len(options)))])
+
+    def corrected_reasoning(self, col: int, wrong: int) -> tuple[str, str]:
+        """The *recoverable* variant's trace: column `col` written with the wrong total, then its
+        check line (CHECK + the right line), then the rest from the corrected value. Returns the
+        trace and the wrong line (the span that carries no loss: the teacher learns to notice
+        and repair a slip, not to make one)."""
+        lines = [self.line(c) for c in range(self.width)]
+        bad = self.line(col, wrong)
+        return "\n".join([*lines[:col], bad, CHECK + lines[col], *lines[col + 1:]]), bad
+
+
+# The check line's prefix: "check: tens: 4 + 8 + 1 = 13, carry 1" repairs the line above it.
+CHECK = "check: "
+
+
+def parse_question(question: str) -> Problem:
+    """The problem of a prompt's question ("What is 347 + 285?")."""
+    found = re.fullmatch(r"What is (\d+) ([+*]) (\d+)\?", question.strip())
+    if not found:
+        raise ValueError(f"not a question of the task: {question!r}")
+    return Problem(int(found[1]), found[2], int(found[3]))
 
 
 def sample_problem(rng: np.random.Generator, ops: tuple[str, ...] = OPS) -> Problem:
@@ -118,11 +156,54 @@ def split_problems(n_train: int, n_eval: int, seed: int,
     return train, list(held_out)
 
 
-def conversation(p: Problem, mode: str) -> dict:
+def conversation(p: Problem, mode: str, slip: tuple[int, int] | None = None) -> dict:
+    """A training conversation; `slip` = (column, wrong total): a think trace with that slip and
+    its check line, the wrong line a `no_loss` span (read, not learned)."""
     msg = {"role": "assistant", "content": p.answer}
     if mode == "think":
         msg["reasoning_content"] = p.reasoning
+        if slip is not None:
+            msg["reasoning_content"], bad = p.corrected_reasoning(*slip)
+            msg["no_loss"] = [bad]
     return {"messages": [{"role": "user", "content": p.question}, msg], "mode": mode}
+
+
+def random_slip(p: Problem, rng: np.random.Generator) -> tuple[int, int]:
+    col = int(rng.integers(p.width))
+    return col, p.wrong_total(col, rng)
+
+
+def read_checks(p: Problem, thinking: str) -> dict[str, int]:
+    """A think trace read against the problem: `errors` (column lines with a wrong total),
+    `checked` (errors followed at once by a check line), `corrected` (checks with the right
+    total), `right` (right column lines) and `false_alarms` (right lines followed by a check).
+    A column is known by its name; a check line repairs the column line above it."""
+    columns = {name: total for name, (_, total) in zip(COLUMNS, p.columns(), strict=False)}
+    out = dict.fromkeys(("errors", "checked", "corrected", "right", "false_alarms"), 0)
+    lines = [x.strip() for x in thinking.strip().splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith(CHECK):
+            continue
+        name, total = _column_total(line)
+        if name not in columns:
+            continue
+        after = lines[i + 1] if i + 1 < len(lines) else ""
+        checks = after.startswith(CHECK)
+        if total == columns[name]:
+            out["right"] += 1
+            out["false_alarms"] += checks
+        else:
+            out["errors"] += 1
+            out["checked"] += checks
+            out["corrected"] += checks and _column_total(after[len(CHECK):]) == (name, columns[name])
+    return out
+
+
+def _column_total(line: str) -> tuple[str, int | None]:
+    """("tens", 13) of "tens: 4 + 8 + 1 = 13, carry 1"; the total is the line's last "= N"."""
+    name, _, body = line.partition(": ")
+    found = re.findall(r"= (\d+)", body)
+    return name, int(found[-1]) if found else None
 
 
 HARD_CARRIES = 2  # the "hard" stratum of the evaluation: problems with at least two carries

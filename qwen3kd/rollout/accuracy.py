@@ -131,13 +131,14 @@ def grade(tok, prompts: list[tuple[Prompt, Mode]], rollouts: list[Rollout],
 # ---- models ---------------------------------------------------------------------------------
 def as_hf_folders(models: dict[str, Path], work: Path) -> dict[str, Path]:
     """A Hugging Face folder per model: the path itself, or its export from a Megatron checkpoint
-    (`qwen3kd convert` in child processes, side by side: converting sets up torch.distributed and
-    megatron's CPU patches in the process that runs it, which the engine here must not inherit)."""
+    (one `qwen3kd convert` child process for all of them: converting sets up torch.distributed
+    and megatron's CPU patches in the process that runs it, which the engine here must not
+    inherit; one process pays the imports once, not once per checkpoint)."""
     import shutil
     import subprocess
     import sys
 
-    folders, jobs = {}, {}
+    folders, pairs = {}, []
     for name, path in models.items():
         if (path / "config.json").is_file():
             folders[name] = path
@@ -148,13 +149,16 @@ def as_hf_folders(models: dict[str, Path], work: Path) -> dict[str, Path]:
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "qwen3kd.cli", "convert", str(path), str(out), "--to", "hf"]
-        jobs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for name, job in jobs.items():
-        _, err = job.communicate()
+        pairs += [str(path), str(out)]
+    if pairs:
+        cmd = [sys.executable, "-m", "qwen3kd.cli", "convert", *pairs, "--to", "hf"]
+        job = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if job.returncode:
-            raise ConfigError(f"--model {name}={models[name]}: export to Hugging Face failed: "
-                              f"{(err.strip().splitlines() or ['?'])[-1]}")
+            # Pairs convert in order: the first export missing is the one that failed.
+            failed = next((f"{n}={p}" for n, p in models.items() if folders[n] == work / n
+                           and not folders[n].is_dir()), " ".join(pairs[::2]))
+            raise ConfigError(f"--model {failed}: export to Hugging Face failed: "
+                              f"{(job.stderr.strip().splitlines() or ['?'])[-1]}")
     return folders
 
 

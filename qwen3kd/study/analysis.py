@@ -4,7 +4,7 @@ the held / not held / inconclusive decision. numpy only; no I/O."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,6 +50,14 @@ class Comparison:
     ci95: tuple[float, float]
     ci90: tuple[float, float]
     p_greater: float  # one-sided bootstrap p-value of "A better than B": share of resamples ≤ 0
+    boot: np.ndarray | None = field(default=None, compare=False, repr=False)  # the resamples
+
+    def p_equivalent(self, margin: float) -> float:
+        """The two one-sided tests' p-value of |A − B| < margin: the larger of the shares of
+        resamples at or beyond +margin and at or below −margin (the p-value that enters Holm)."""
+        if self.boot is None:
+            raise ValueError("no bootstrap resamples kept")
+        return float(max(np.mean(self.boot >= margin), np.mean(self.boot <= -margin)))
 
 
 def compare(diffs: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> Comparison:
@@ -57,7 +65,7 @@ def compare(diffs: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> 
     q = np.quantile(boot, [0.025, 0.975, 0.05, 0.95])
     effect = float(np.mean([np.mean(d) for d in diffs]))
     return Comparison(effect, (float(q[0]), float(q[1])), (float(q[2]), float(q[3])),
-                      float(np.mean(boot <= 0)))
+                      float(np.mean(boot <= 0)), boot)
 
 
 def equivalent(ci90: tuple[float, float], margin: float) -> bool:
@@ -80,14 +88,15 @@ def holm(p_values: list[float], alpha: float = 0.05) -> tuple[list[float], list[
 
 def decide(kind: str, c: Comparison, rejected: bool = False, margin: float = 0.03) -> str:
     """The protocol's verdict for one hypothesis and mode. kind: "superiority" (A better than B;
-    `rejected`: its Holm-adjusted test rejected) or "equivalence" (|A − B| < margin)."""
+    `rejected`: its Holm-adjusted test rejected) or "equivalence" (|A − B| < margin; `rejected`:
+    its two one-sided tests rejected after Holm)."""
     if kind == "superiority":
         if rejected and c.ci95[0] > 0:
             return "held"
         if c.ci95[1] < 0:
             return "not held"
-    elif kind == "equivalence":
-        if equivalent(c.ci90, margin):
+    elif kind == "equivalence":  # `rejected`: its Holm-adjusted TOST p-value rejected
+        if rejected and equivalent(c.ci90, margin):
             return "held"
         if c.ci95[0] >= margin or c.ci95[1] <= -margin:
             return "not held"

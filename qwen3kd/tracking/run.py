@@ -76,7 +76,7 @@ def open_tracking(cfg: JobConfig, data, is_rank0: bool, resume_step: int) -> Met
     from qwen3kd.tracking.mlflow_run import MlflowRun
 
     params = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    tags = lineage_tags(cfg, data)
+    tags = {**lineage_tags(cfg, data), **t.tags}
     if t.parent_run_id:
         tags["mlflow.parentRunId"] = t.parent_run_id  # MLflow's own nesting tag
     run = MlflowRun.start(t.uri, t.experiment, run_dir, cfg.run.name, params, tags, t.timeout_s)

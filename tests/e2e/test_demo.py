@@ -31,6 +31,8 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
     # Each stage says what it runs, and a training stage shows its steps as it goes.
     assert "demo: offpolicy: qwen3kd train" in done.stderr and "demo: eval: qwen3kd eval" in done.stderr
     assert "demo: teacher  step 4/4" in done.stderr and "demo: control  step 5/5" in done.stderr
+    # The evaluation and the dev curves (which exports its checkpoints itself) run side by side.
+    assert "demo: eval, curves done at once" in done.stderr
 
     # The table: one row per model, in order.
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "%" in line]
@@ -43,7 +45,8 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
         assert column in header, column
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary) == {"models", "arms", "compute", "curves", "paths", "steps", "claims",
-                            "teacher_cached", "seconds", "mlflow", "config"}
+                            "variant", "gate", "recovery", "teacher_cached", "seconds", "mlflow", "config"}
+    assert summary["variant"] == "plain" and summary["gate"] is None and summary["recovery"] is None
     assert list(summary["models"]) == list(MODELS) and summary["teacher_cached"] is False
     for m in MODELS:
         assert {"think", "no_think", "all"} <= set(summary["models"][m])

@@ -69,8 +69,11 @@ def test_training_checkpoint_exports_its_student(tmp_path):
     qwen3kd("train", str(SMOKE / "lm-tiny-dense.yaml"), f"checkpoint.load={src}", "train.steps=2",
             "optim.warmup_steps=0", f"run.dir={run}")
     ckpt = last_checkpoint(run)
-    qwen3kd("convert", str(ckpt), str(tmp_path / "out"), "--to", "hf")
+    # Several pairs in one process (as `qwen3kd eval` exports checkpoints): each is whole.
+    qwen3kd("convert", str(ckpt), str(tmp_path / "out"), str(ckpt), str(tmp_path / "again"), "--to", "hf")
     out = tmp_path / "out"
+    assert _tensors(tmp_path / "again").keys() == _tensors(out).keys()
+    assert all(torch.equal(t, _tensors(out)[k]) for k, t in _tensors(tmp_path / "again").items())
     assert _other_files(out) == _other_files(src)
     before, after = _tensors(src), _tensors(out)
     assert before.keys() == after.keys()
@@ -92,6 +95,8 @@ def test_missing_shard_fails_cleanly_from_the_command_line(tmp_path):
     assert p.stderr.strip() == f"qwen3kd: error: {shard}: shard file missing (listed in " \
                                f"{src / 'model.safetensors.index.json'})"
     assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.tmp").exists()
+    odd = qwen3kd("convert", str(src), str(tmp_path / "dst"), str(src), "--to", "megatron", check=False)
+    assert odd.returncode == 2 and "SRC DST pairs expected, got 3 paths" in odd.stderr
 
 
 def test_bad_input_names_the_problem_and_leaves_nothing(megatron_world, tmp_path):

@@ -84,6 +84,16 @@ def test_equivalence_and_decisions_by_hand():
     assert decide("superiority", c(0.01, 0.05, 0.015, 0.045), rejected=False) == "inconclusive"
     assert decide("superiority", c(-0.05, -0.01, -0.045, -0.015)) == "not held"
     assert decide("superiority", c(-0.01, 0.03, 0.0, 0.02)) == "inconclusive"
-    assert decide("equivalence", c(-0.03, 0.028, -0.025, 0.02)) == "held"
+    assert decide("equivalence", c(-0.03, 0.028, -0.025, 0.02), rejected=True) == "held"
+    assert decide("equivalence", c(-0.03, 0.028, -0.025, 0.02), rejected=False) == "inconclusive"
     assert decide("equivalence", c(0.035, 0.08, 0.04, 0.07)) == "not held"
     assert decide("equivalence", c(-0.01, 0.05, 0.0, 0.04)) == "inconclusive"
+
+
+def test_tost_p_value_by_hand():
+    c = Comparison(0.0, (0, 0), (0, 0), 0.0, np.array([-0.04, -0.01, 0.0, 0.01, 0.02, 0.05, 0.03, 0.0]))
+    # At or beyond +0.03: 0.05, 0.03 (2 of 8); at or below −0.03: −0.04 (1 of 8).
+    assert c.p_equivalent(0.03) == pytest.approx(2 / 8)
+    assert c.p_equivalent(0.06) == 0.0
+    with pytest.raises(ValueError, match="no bootstrap"):
+        Comparison(0.0, (0, 0), (0, 0), 0.0).p_equivalent(0.03)

@@ -1,0 +1,190 @@
+"""`qwen3kd study run|report CONFIG`: the pre-registered study (study/protocol.md).
+
+run     the demo's pipeline (qwen3kd/demo/pipeline.py) for every variant × seed of `study.*`, each
+        unit in <run.dir>/<variant>/seed-<seed>, nested under one MLflow parent run; every run
+        is tagged with the protocol's version and the commit that last changed it
+        (`qwen3kd.protocol_version`, `qwen3kd.protocol_commit`) and the code's commit. Resumable:
+        a finished unit (its summary.json) is not rerun. A *recoverable* unit whose teacher gate
+        fails voids the variant for every seed (the protocol, section 4).
+report  the protocol's analysis (qwen3kd/study/analysis.py) of the finished units: per hypothesis
+        and mode the seed-level paired difference, its hierarchical bootstrap intervals, Holm
+        over the primary family, held / not held / inconclusive; <run.dir>/report.json and
+        report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from qwen3kd.config.schema import DemoVariant, JobConfig
+from qwen3kd.errors import ConfigError
+from qwen3kd.files import write_text_atomic
+from qwen3kd.study import analysis
+
+log = logging.getLogger(__name__)
+
+MODES = ("think", "no_think")
+VOID = "VOID"  # a variant's marker file: its teacher gate failed
+
+# The primary family (protocol, section 1): (id, variant or None for every variant, arm A, arm B,
+# kind, modes). `onpolicy` is the protocol's `opd`.
+HYPOTHESES = (
+    ("H1", DemoVariant.plain, "onpolicy", "control", "equivalence", MODES),
+    ("H2", DemoVariant.recoverable, "onpolicy", "control", "superiority", ("think",)),
+    ("H2b", DemoVariant.recoverable, "onpolicy", "control", "equivalence", ("no_think",)),
+    ("H4", None, "onpolicy", "rl", "superiority", MODES),
+)
+
+
+def _git(where: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
+                              check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Study:
+    def __init__(self, cfg: JobConfig, config_path: Path):
+        s = cfg.study
+        if not s.variants or not s.seeds:
+            raise ConfigError("study.variants and study.seeds must not be empty")
+        if len(set(s.seeds)) != len(s.seeds):
+            raise ConfigError(f"study.seeds={list(s.seeds)}: a seed appears twice")
+        self.protocol = Path(s.protocol)
+        if not self.protocol.is_file():
+            raise ConfigError(f"study.protocol: {self.protocol} does not exist")
+        self.cfg, self.config_path = cfg, config_path
+        self.root = Path(cfg.run.dir).resolve()
+
+    def unit_dir(self, variant: DemoVariant, seed: int) -> Path:
+        return self.root / variant.value / f"seed-{seed}"
+
+    def tags(self) -> dict[str, str]:
+        """The protocol's version and the commit that last changed its file, the code's commit."""
+        where = self.protocol.resolve().parent
+        return {"qwen3kd.protocol_version": str(self.cfg.study.protocol_version),
+                "qwen3kd.protocol_commit": _git(where, "log", "-1", "--format=%H", "--", self.protocol.name),
+                "qwen3kd.commit": _git(where, "rev-parse", "HEAD")}
+
+    # ---- run ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from qwen3kd.demo.pipeline import Demo, GateFailed
+        from qwen3kd.tracking.mlflow_run import MlflowRun
+
+        t, tags = self.cfg.tracking, self.tags()
+        self.root.mkdir(parents=True, exist_ok=True)
+        uri = t.uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        parent = MlflowRun.start(uri, t.experiment, self.root, self.cfg.run.name,
+                                 {"config": str(self.config_path)}, {**tags, "qwen3kd.study": "parent"},
+                                 t.timeout_s) if t.enabled else None
+        status = {}
+        try:
+            for variant in self.cfg.study.variants:
+                for seed in self.cfg.study.seeds:
+                    unit, key = self.unit_dir(variant, seed), f"{variant.value}/seed-{seed}"
+                    if (self.root / variant.value / VOID).is_file():
+                        status[key] = "void"
+                        continue
+                    if (unit / "summary.json").is_file():
+                        log.info("study: %s done already", key)
+                        status[key] = "done"
+                        continue
+                    cfg = OmegaConf.merge(self.cfg, {
+                        "run": {"name": f"{variant.value}-seed-{seed}", "dir": str(unit)},
+                        "demo": {"variant": variant.value},
+                        "train": {"seed": seed}, "rollout": {"seed": seed},
+                        "tracking": {"uri": uri, "tags": tags,
+                                     "parent_run_id": parent.run_id if parent and parent.active else None}})
+                    log.info("study: %s (%d variants × %d seeds)", key, len(self.cfg.study.variants),
+                             len(self.cfg.study.seeds))
+                    try:
+                        Demo(cfg, self.config_path).run()
+                        status[key] = "done"
+                    except GateFailed as e:
+                        log.error("study: %s", e)
+                        write_text_atomic(self.root / variant.value / VOID, str(e) + "\n")
+                        status[key] = "void"
+        except BaseException:
+            if parent is not None:
+                parent.close("FAILED")
+            raise
+        report = self.report()
+        if parent is not None:
+            parent.log_artifact(self.root / "report.json")
+            parent.close("FINISHED")
+        return report
+
+    # ---- report -------------------------------------------------------------------------
+    def correctness(self, variant: DemoVariant, arm: str, mode: str) -> dict[int, np.ndarray]:
+        """Per finished seed, the arm's greedy correctness on each test problem of `mode`, in
+        problem order."""
+        out = {}
+        for seed in self.cfg.study.seeds:
+            f = self.unit_dir(variant, seed) / "eval" / "accuracy.samples" / f"{arm}.jsonl"
+            if (self.unit_dir(variant, seed) / "summary.json").is_file():
+                rows = sorted((r["prompt_line"], r["correct"]) for r in map(json.loads, f.read_text().splitlines())
+                              if r["mode"] == mode)
+                out[seed] = np.array([c for _, c in rows], dtype=float)
+        return out
+
+    def report(self) -> dict:
+        s = self.cfg.study
+        tests = []
+        for hid, only, a, b, kind, modes in HYPOTHESES:
+            for variant in s.variants:
+                if only is not None and variant is not only:
+                    continue
+                void = (self.root / variant.value / VOID).is_file()
+                for mode in modes:
+                    row = {"id": hid, "variant": variant.value, "mode": mode, "a": a, "b": b, "kind": kind}
+                    ca, cb = self.correctness(variant, a, mode), self.correctness(variant, b, mode)
+                    if void or not ca:
+                        row["decision"] = "void" if void else "not run"
+                        tests.append(row)
+                        continue
+                    c = analysis.compare(analysis.paired_differences(ca, cb), s.resamples)
+                    spread = float(np.std([np.mean(ca[k] - cb[k]) for k in ca], ddof=1)) if len(ca) > 1 else None
+                    row.update(seeds=sorted(ca), effect=c.effect, ci95=c.ci95, ci90=c.ci90,
+                               seed_spread=spread, comparison=c,
+                               p=c.p_greater if kind == "superiority" else c.p_equivalent(s.margin))
+                    tests.append(row)
+        tested = [r for r in tests if "p" in r]
+        adjusted, rejected = analysis.holm([r["p"] for r in tested], s.alpha)
+        for r, p_adj, rej in zip(tested, adjusted, rejected, strict=True):
+            r["p_holm"] = p_adj
+            r["decision"] = analysis.decide(r["kind"], r.pop("comparison"), rej, s.margin)
+        units = {f"{v.value}/seed-{seed}": (self.unit_dir(v, seed) / "summary.json").is_file()
+                 for v in s.variants for seed in s.seeds}
+        report = {"protocol": str(self.protocol), "protocol_version": s.protocol_version,
+                  "tags": self.tags(), "units_finished": units, "margin": s.margin, "alpha": s.alpha,
+                  "hypotheses": tests}
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.root / "report.json", json.dumps(report, indent=1) + "\n")
+        write_text_atomic(self.root / "report.md", report_table(report))
+        return report
+
+
+def report_table(report: dict) -> str:
+    def pts(x: float) -> str:
+        return f"{100 * x:+.1f}"
+
+    lines = ["| hypothesis | variant | mode | comparison | seeds | effect (points) | 95 % CI | 90 % CI | "
+             "seed spread | p (Holm) | decision |", "|---|---|---|---|---:|---:|---|---|---:|---:|---|"]
+    for r in report["hypotheses"]:
+        if "effect" not in r:
+            lines.append(f"| {r['id']} | {r['variant']} | {r['mode']} | {r['a']} − {r['b']} ({r['kind']}) "
+                         f"| – | – | – | – | – | – | {r['decision']} |")
+            continue
+        spread = "–" if r["seed_spread"] is None else f"{100 * r['seed_spread']:.1f}"
+        lines.append(f"| {r['id']} | {r['variant']} | {r['mode']} | {r['a']} − {r['b']} ({r['kind']}) | "
+                     f"{len(r['seeds'])} | {pts(r['effect'])} | [{pts(r['ci95'][0])}, {pts(r['ci95'][1])}] | "
+                     f"[{pts(r['ci90'][0])}, {pts(r['ci90'][1])}] | {spread} | {r['p_holm']:.3f} | "
+                     f"{r['decision']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""`qwen3kd study report` (qwen3kd/study/run.py) on hand-made unit folders: which hypotheses it
+tests on which arms and modes, a clear superiority held, a clear equivalence held, a variant
+voided by its teacher gate, and units not run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from qwen3kd.config.loader import load_config
+from qwen3kd.study.run import VOID, Study
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _unit(root: Path, variant: str, seed: int, accuracy: dict[tuple[str, str], float]) -> None:
+    """A finished unit: per arm and mode, 1,000 greedy results with the given accuracy. As two
+    models trained from one checkpoint do, the arms agree on most problems: each arm's results
+    are one shared draw per problem, thresholded at its accuracy, with 4 % of them flipped."""
+    unit = root / variant / f"seed-{seed}"
+    samples = unit / "eval" / "accuracy.samples"
+    samples.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    shared = {mode: rng.random(1000) for mode in ("think", "no_think")}
+    for arm in ("control", "onpolicy", "rl"):
+        lines = []
+        for mode in ("think", "no_think"):
+            right = (shared[mode] < accuracy[arm, mode]) ^ (rng.random(1000) < 0.04)
+            lines += [json.dumps({"prompt_line": i + 1, "mode": mode, "correct": bool(c)}) for i, c in enumerate(right)]
+        (samples / f"{arm}.jsonl").write_text("\n".join(lines) + "\n")
+    (unit / "summary.json").write_text("{}\n")
+
+
+def test_report_decisions(tmp_path):
+    cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
+                      [f"run.dir={tmp_path}", f"study.protocol={REPO / 'study/protocol.md'}",
+                       "study.seeds=[0,1,2]", "study.resamples=2000"], check_files=False)
+    # plain: on-policy = control (equivalence holds), on-policy ≫ RL (superiority holds).
+    plain = {("control", m): 0.6 for m in ("think", "no_think")}
+    plain.update({("onpolicy", m): 0.6 for m in ("think", "no_think")})
+    plain.update({("rl", m): 0.4 for m in ("think", "no_think")})
+    for seed in (0, 1, 2):
+        _unit(tmp_path, "plain", seed, plain)
+    (tmp_path / "recoverable").mkdir()
+    (tmp_path / "recoverable" / VOID).write_text("gate failed\n")
+    report = Study(cfg, Path("study.yaml")).report()
+    rows = {(r["id"], r["variant"], r["mode"]): r for r in report["hypotheses"]}
+    assert set(rows) == {("H1", "plain", "think"), ("H1", "plain", "no_think"),
+                         ("H2", "recoverable", "think"), ("H2b", "recoverable", "no_think"),
+                         ("H4", "plain", "think"), ("H4", "plain", "no_think"),
+                         ("H4", "recoverable", "think"), ("H4", "recoverable", "no_think")}
+    assert rows["H4", "plain", "think"]["decision"] == "held"
+    assert 0.15 < rows["H4", "plain", "think"]["effect"] < 0.25 and rows["H4", "plain", "think"]["ci95"][0] > 0
+    # Equal accuracy, 4 % + 4 % flips per arm: a per-seed difference's standard error is ≈ 0.9
+    # points, so 3 seeds × 1,000 problems put the 90 % interval inside ±3 points.
+    assert rows["H1", "plain", "think"]["decision"] == "held", rows["H1", "plain", "think"]
+    assert rows["H2", "recoverable", "think"]["decision"] == "void"
+    assert rows["H4", "recoverable", "no_think"]["decision"] == "void"
+    # Holm ran over the four tested rows only, and adjusted p-values are no smaller than raw ones.
+    tested = [r for r in report["hypotheses"] if "p" in r]
+    assert len(tested) == 4 and all(r["p_holm"] >= r["p"] for r in tested)
+    assert report["tags"]["qwen3kd.protocol_version"] == "1"
+    text = (tmp_path / "report.md").read_text()
+    assert "| H4 | plain | think | onpolicy − rl (superiority) | 3 |" in text and "| void |" in text
+
+
+def test_report_of_units_not_run(tmp_path):
+    cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
+                      [f"run.dir={tmp_path}", f"study.protocol={REPO / 'study/protocol.md'}",
+                       "study.variants=[plain]"], check_files=False)
+    report = Study(cfg, Path("study.yaml")).report()
+    assert {r["decision"] for r in report["hypotheses"]} == {"not run"}
+    assert report["units_finished"] == {"plain/seed-100": False, "plain/seed-101": False}
+    assert OmegaConf.to_container(cfg.study)["seeds"] == [100, 101]
