@@ -224,7 +224,8 @@ def demo(args) -> int:
     from pathlib import Path
 
     from qwen3kd.config.loader import load_config
-    from qwen3kd.demo.pipeline import Demo, StageError, table, verdict
+    from qwen3kd.demo.pipeline import Demo, StageError
+    from qwen3kd.demo.report import table, verdict
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -248,7 +249,10 @@ def study(args) -> int:
     cfg = load_config(args.config, args.overrides)
     s = Study(cfg, Path(args.config))
     try:
-        s.run() if args.action == "run" else s.report()
+        if args.action == "run":
+            s.run()
+        else:
+            s.report()
     except StageError as e:
         sys.stderr.write(f"qwen3kd: error: {e}\n")
         return 1

@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 from copy import deepcopy
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -221,23 +220,10 @@ class Demo:
 
     def gate(self, assets: Path, teacher: Path) -> dict:
         """recoverable: the teacher gate (qwen3kd/study/gate.py) on the held-out gate problems,
-        greedy in an in-process vLLM engine; written to <run.dir>/gate.json; a failed gate stops
-        the demo (GateFailed) before any arm runs."""
-        from qwen3kd.data.chat import load_tokenizer
-        from qwen3kd.rollout.prompts import load_prompts
-        from qwen3kd.rollout.vllm_engine import VllmEngine
-        from qwen3kd.study.gate import run_gate, vllm_completer
+        written to <run.dir>/gate.json; a failed gate stops the demo (GateFailed) before any arm."""
+        from qwen3kd.study.gate import teacher_gate
 
-        problems = [task.parse_question(p.messages[-1]["content"]) for p in load_prompts(assets / "gate.jsonl")]
-        tok = load_tokenizer(teacher)
-        rcfg = replace(OmegaConf.to_object(self.cfg.rollout), temperature=0.0, top_p=1.0, top_k=0,
-                       thinking_budget=None, max_new_tokens=32)
-        engine = VllmEngine(teacher, tok, rcfg, self.cfg.train.seq_length + 1, self.cfg.data.end_of_turn,
-                            in_process=True)
-        try:
-            result = run_gate(problems, vllm_completer(engine, tok), seed=self.cfg.demo.seed).as_dict()
-        finally:
-            engine.close()
+        result = teacher_gate(self.cfg, teacher, assets / "gate.jsonl").as_dict()
         write_text_atomic(self.root / "gate.json", json.dumps(result, indent=1) + "\n")
         if not result["passed"]:
             raise GateFailed(f"teacher gate failed ({result}): the recoverable variant is void "
@@ -409,29 +395,9 @@ class Demo:
         self._close_parent("FINISHED")
         return summary
 
-    def recovery(self, assets: Path) -> dict:
-        """recoverable: per model, how its greedy think traces on the test problems handle their
-        own slips (task.read_checks): the self-check rate after a wrong column line, the share of
-        checks that repair it, and false alarms after right lines."""
-        from qwen3kd.rollout.prompts import load_prompts
-
-        problems = {p.line: task.parse_question(p.messages[-1]["content"])
-                    for p in load_prompts(assets / "eval.jsonl")}
-        out = {}
-        for m in MODELS:
-            sums = dict.fromkeys(("errors", "checked", "corrected", "right", "false_alarms"), 0)
-            for line in (self.root / "eval" / "accuracy.samples" / f"{m}.jsonl").read_text().splitlines():
-                r = json.loads(line)
-                thinking = r["response"].partition("<think>")[2].partition("</think>")[0]
-                if r["mode"] == "think" and thinking:
-                    for k, v in task.read_checks(problems[r["prompt_line"]], thinking).items():
-                        sums[k] += v
-            out[m] = {**sums, "self_check_rate": sums["checked"] / max(sums["errors"], 1),
-                      "correction_success": sums["corrected"] / max(sums["checked"], 1),
-                      "false_alarm_rate": sums["false_alarms"] / max(sums["right"], 1)}
-        return out
-
     def summary(self, assets: Path, results: dict, models: dict[str, Path], curves: dict) -> dict:
+        from qwen3kd.study.gate import recovery
+
         acc = {m: {mode: results[m][mode]["accuracy"] for mode in MODES} for m in MODELS}
         comp = [results["onpolicy"][mode]["compliance"] for mode in MODES]
         compute = {stage: self.compute(stage) for stage in ("offpolicy", *ARMS)}
@@ -467,7 +433,8 @@ class Demo:
             },
             "variant": self.cfg.demo.variant.value,
             "gate": self.gate_result,
-            "recovery": self.recovery(assets) if self.cfg.demo.variant is DemoVariant.recoverable else None,
+            "recovery": recovery(self.root / "eval" / "accuracy.samples", assets / "eval.jsonl", MODELS)
+            if self.cfg.demo.variant is DemoVariant.recoverable else None,
             "teacher_cached": self.teacher_cached,
             "seconds": self.times,
             "mlflow": {"uri": self.tracking_uri, "experiment": self.cfg.tracking.experiment,
@@ -613,61 +580,3 @@ def _last_checkpoint(root: Path) -> Path:
     if found is None:
         raise StageError(f"no checkpoint under {root}")
     return found
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1%}"
-
-
-def verdict(summary: dict) -> str:
-    """The comparisons, in words, under the table."""
-    c, models, lines = summary["claims"], summary["models"], []
-    for other, name in (("rl", "RL"), ("control", "control")):
-        for mode, p in c[f"onpolicy_vs_{other}_paired"].items():
-            diff = models["onpolicy"][mode]["accuracy"] - models[other][mode]["accuracy"]
-            lines.append(f"{mode}: on-policy distillation − {name} = {diff:+.1%} (problems only "
-                         f"on-policy solves: {p['onpolicy_only']}, only {name}: {p[f'{other}_only']}; "
-                         f"McNemar z = {p['z']:+.2f})")
-    for arm, name in (("onpolicy", "on-policy distillation"), ("rl", "RL"), ("control", "control")):
-        changes = "; ".join(f"{mode} " + ", ".join(f"pass@{k} {v:+.1%}" for k, v in ks.items())
-                            for mode, ks in c["pass_at_k_change"][arm].items() if ks)
-        if changes:
-            lines.append(f"{name} vs the off-policy start: {changes}")
-    lines.append(f"RL spent {c['rl_flops_over_onpolicy']:.2f}× the FLOPs of on-policy distillation "
-                 f"(seconds: RL {summary['arms']['rl']['seconds']:.0f}, on-policy "
-                 f"{summary['arms']['onpolicy']['seconds']:.0f}, control {summary['arms']['control']['seconds']:.0f})")
-    lines.append("gap to the teacher after on-policy distillation: " + ", ".join(
-        f"{mode} {gap:.1%}" for mode, gap in c["onpolicy_gap_to_teacher"].items()))
-    lines.append("on-policy mode compliance ≥ 99 % in both modes: "
-                 + ("yes" if c["onpolicy_compliance_at_least_99pct"] else "no"))
-    return "\n".join(lines) + "\n"
-
-
-def table(summary: dict) -> str:
-    """The demo's result table (markdown): greedy accuracy, pass@k at T = 1 and the hard stratum
-    per mode, compliance, thinking length, and the training compute of each model's own stage
-    (an arm's: from the off-policy checkpoint on)."""
-    steps, models, compute = summary["steps"], summary["models"], summary["compute"]
-    ks = sorted({k for r in models.values() for k in r["think"].get("pass_at_k", {})}, key=int)
-    ks = [k for k in ks if k in (ks[0], ks[-1])] if ks else []  # the smallest and the largest
-    head = ["model", "acc think", "acc no_think", *[f"pass@{k} {mode}" for mode in MODES for k in ks],
-            "acc think, ≥2 carries", "compliance think", "compliance no_think", "thinking tokens",
-            "train FLOPs", "train s"]
-    label = {"teacher": f"teacher ({steps['teacher']} steps on ground truth)",
-             "student-before": "student before distillation",
-             "offpolicy": f"off-policy distillation ({steps['offpolicy']} steps)",
-             "control": f"control: off-policy (+{steps['control']} steps)",
-             "onpolicy": f"on-policy distillation (+{steps['onpolicy']} steps)",
-             "rl": f"RL, GRPO (+{steps['rl']} steps)"}
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for m in MODELS:
-        r, c = models[m], compute.get(m)
-        cells = [label[m], _pct(r["think"]["accuracy"]), _pct(r["no_think"]["accuracy"]),
-                 *[_pct(r[mode].get("pass_at_k", {}).get(k)) for mode in MODES for k in ks],
-                 _pct(r.get("think/hard", {}).get("accuracy")),
-                 _pct(r["think"]["compliance"]), _pct(r["no_think"]["compliance"]),
-                 f"{r['think']['think_tokens']:.1f}",
-                 f"{c['flops']:.2e}" if c else "–",
-                 ("cached" if c["seconds"] is None else f"{c['seconds']:.0f}") if c else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

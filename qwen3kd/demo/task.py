@@ -173,18 +173,21 @@ def random_slip(p: Problem, rng: np.random.Generator) -> tuple[int, int]:
     return col, p.wrong_total(col, rng)
 
 
+CHECK_COUNTS = ("errors", "checked", "corrected", "right", "false_alarms")  # read_checks' keys
+
+
 def read_checks(p: Problem, thinking: str) -> dict[str, int]:
     """A think trace read against the problem: `errors` (column lines with a wrong total),
     `checked` (errors followed at once by a check line), `corrected` (checks with the right
     total), `right` (right column lines) and `false_alarms` (right lines followed by a check).
     A column is known by its name; a check line repairs the column line above it."""
     columns = {name: total for name, (_, total) in zip(COLUMNS, p.columns(), strict=False)}
-    out = dict.fromkeys(("errors", "checked", "corrected", "right", "false_alarms"), 0)
+    out = dict.fromkeys(CHECK_COUNTS, 0)
     lines = [x.strip() for x in thinking.strip().splitlines() if x.strip()]
     for i, line in enumerate(lines):
         if line.startswith(CHECK):
             continue
-        name, total = _column_total(line)
+        name, total = column_total(line)
         if name not in columns:
             continue
         after = lines[i + 1] if i + 1 < len(lines) else ""
@@ -195,11 +198,11 @@ def read_checks(p: Problem, thinking: str) -> dict[str, int]:
         else:
             out["errors"] += 1
             out["checked"] += checks
-            out["corrected"] += checks and _column_total(after[len(CHECK):]) == (name, columns[name])
+            out["corrected"] += checks and column_total(after[len(CHECK):]) == (name, columns[name])
     return out
 
 
-def _column_total(line: str) -> tuple[str, int | None]:
+def column_total(line: str) -> tuple[str, int | None]:
     """("tens", 13) of "tens: 4 + 8 + 1 = 13, carry 1"; the total is the line's last "= N"."""
     name, _, body = line.partition(": ")
     found = re.findall(r"= (\d+)", body)

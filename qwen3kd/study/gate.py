@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -80,11 +81,57 @@ def run_gate(problems: list[task.Problem], complete: Completer, seed: int = 0) -
         if checks:
             checked += 1
             name = prefix.splitlines()[-1].partition(": ")[0]
-            right_value += task._column_total(nxt[len(task.CHECK):]) == (name, truth)
+            right_value += task.column_total(nxt[len(task.CHECK):]) == (name, truth)
     result = GateResult(corrupted, clean, checked / max(corrupted, 1), right_value / max(checked, 1),
                         alarms / max(clean, 1))
     log.info("teacher gate: %s", result.as_dict())
     return result
+
+
+def teacher_gate(cfg, teacher: Path, gate_prompts: Path) -> GateResult:
+    """The gate of the teacher's Hugging Face folder on the problems of `gate_prompts` (prompt
+    lines), greedy in an in-process vLLM engine (cfg: the demo's experiment config)."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from qwen3kd.data.chat import load_tokenizer
+    from qwen3kd.rollout.prompts import load_prompts
+    from qwen3kd.rollout.vllm_engine import VllmEngine
+
+    problems = [task.parse_question(p.messages[-1]["content"]) for p in load_prompts(gate_prompts)]
+    tok = load_tokenizer(teacher)
+    rcfg = replace(OmegaConf.to_object(cfg.rollout), temperature=0.0, top_p=1.0, top_k=0,
+                   thinking_budget=None, max_new_tokens=32)
+    engine = VllmEngine(teacher, tok, rcfg, cfg.train.seq_length + 1, cfg.data.end_of_turn, in_process=True)
+    try:
+        return run_gate(problems, vllm_completer(engine, tok), seed=cfg.demo.seed)
+    finally:
+        engine.close()
+
+
+def recovery(samples: Path, prompts: Path, models) -> dict:
+    """Per model, how its greedy think traces (`qwen3kd eval`'s samples/NAME.jsonl, answering the
+    prompt lines of `prompts`) handle their own slips (task.read_checks): the self-check rate
+    after a wrong column line, the share of checks that repair it, false alarms after right lines."""
+    import json
+
+    from qwen3kd.rollout.prompts import load_prompts
+
+    problems = {p.line: task.parse_question(p.messages[-1]["content"]) for p in load_prompts(prompts)}
+    out = {}
+    for m in models:
+        sums = dict.fromkeys(task.CHECK_COUNTS, 0)
+        for line in (samples / f"{m}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            thinking = r["response"].partition("<think>")[2].partition("</think>")[0]
+            if r["mode"] == "think" and thinking:
+                for k, v in task.read_checks(problems[r["prompt_line"]], thinking).items():
+                    sums[k] += v
+        out[m] = {**sums, "self_check_rate": sums["checked"] / max(sums["errors"], 1),
+                  "correction_success": sums["corrected"] / max(sums["checked"], 1),
+                  "false_alarm_rate": sums["false_alarms"] / max(sums["right"], 1)}
+    return out
 
 
 def vllm_completer(engine, tokenizer) -> Completer:

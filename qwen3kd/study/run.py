@@ -62,6 +62,7 @@ class Study:
             raise ConfigError(f"study.protocol: {self.protocol} does not exist")
         self.cfg, self.config_path = cfg, config_path
         self.root = Path(cfg.run.dir).resolve()
+        self._read: dict[tuple, dict[str, np.ndarray] | None] = {}
 
     def unit_dir(self, variant: DemoVariant, seed: int) -> Path:
         return self.root / variant.value / f"seed-{seed}"
@@ -125,14 +126,22 @@ class Study:
     def correctness(self, variant: DemoVariant, arm: str, mode: str) -> dict[int, np.ndarray]:
         """Per finished seed, the arm's greedy correctness on each test problem of `mode`, in
         problem order."""
-        out = {}
-        for seed in self.cfg.study.seeds:
-            f = self.unit_dir(variant, seed) / "eval" / "accuracy.samples" / f"{arm}.jsonl"
-            if (self.unit_dir(variant, seed) / "summary.json").is_file():
-                rows = sorted((r["prompt_line"], r["correct"]) for r in map(json.loads, f.read_text().splitlines())
-                              if r["mode"] == mode)
-                out[seed] = np.array([c for _, c in rows], dtype=float)
-        return out
+        return {seed: by_mode[mode] for seed in self.cfg.study.seeds
+                if (by_mode := self._results(variant, seed, arm)) is not None}
+
+    def _results(self, variant: DemoVariant, seed: int, arm: str) -> dict[str, np.ndarray] | None:
+        """A finished unit's arm: per mode its correctness in problem order (each file read once
+        per report: the hypotheses share arms)."""
+        key = (variant, seed, arm)
+        if key not in self._read:
+            unit = self.unit_dir(variant, seed)
+            self._read[key] = None
+            if (unit / "summary.json").is_file():
+                rows = sorted((r["mode"], r["prompt_line"], r["correct"]) for r in map(
+                    json.loads, (unit / "eval" / "accuracy.samples" / f"{arm}.jsonl").read_text().splitlines()))
+                self._read[key] = {mode: np.array([c for m, _, c in rows if m == mode], dtype=float)
+                                   for mode in MODES}
+        return self._read[key]
 
     def report(self) -> dict:
         s = self.cfg.study

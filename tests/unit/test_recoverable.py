@@ -64,7 +64,7 @@ def _teacher(miss_every: int = 0, wrong_every: int = 0, alarm_every: int = 0):
     def complete(cases):
         out, slips, rights = [], 0, 0
         for p, prefix in cases:
-            name, total = task._column_total(prefix.splitlines()[-1])
+            name, total = task.column_total(prefix.splitlines()[-1])
             col = task.COLUMNS.index(name)
             true = p.columns()[col][1]
             nxt = p.line(col + 1) if col + 1 < p.width else "</think>"
@@ -88,7 +88,7 @@ def test_prefixes_half_wrong_half_right():
     wrong = [c for c in cases if c[2] is not None]
     assert len(wrong) == 100
     for p, prefix, truth in cases:
-        name, total = task._column_total(prefix.splitlines()[-1])
+        name, total = task.column_total(prefix.splitlines()[-1])
         assert (total != p.columns()[task.COLUMNS.index(name)][1]) == (truth is not None)
         # Every line before the last is right: the trace is the teacher's own up to the cut.
         assert task.read_checks(p, "\n".join(prefix.splitlines()[:-1]))["errors"] == 0
