@@ -163,21 +163,22 @@ def test_bad_input_fails_before_anything_is_queued(slurm, toy_assets, tmp_path):
     assert before == after == ""
 
 
-def test_an_onpolicy_run_stopped_during_its_rollouts_resumes_bitwise(slurm, toy_assets, onpolicy_run,
-                                                                     tmp_path):
-    """2 off-policy steps, then on-policy steps 3..5 (vLLM on rank 0): USR1 right after the
-    engine got its first weights (the probe at step 2), i.e. during step 3's rollouts; the run
-    stops after step 3, the engine is shut down, and the requeued job starts it again from the
-    resumed weights. Every step's loss equals the uninterrupted run's (tests/conftest.py's
-    onpolicy_run, the same settings on one node)."""
+def test_an_onpolicy_run_stopped_in_its_onpolicy_phase_resumes_bitwise(slurm, toy_assets, onpolicy_run,
+                                                                      tmp_path):
+    """2 off-policy steps, then on-policy steps 3..5 (vLLM on rank 0): USR1 once the on-policy
+    phase has begun, while rank 0 starts the engine (tens of seconds, so the signal is sure to land
+    between step 2's stop check and step 3's; three toy on-policy steps take about 2 s, too short a
+    window to aim a signal at reliably). The run stops after step 3, its first on-policy step, the
+    engine is shut down, and the requeued job starts it again from the resumed weights. Every
+    step's loss equals the uninterrupted run's (tests/conftest.py's onpolicy_run, the same settings
+    on one node)."""
     cut = tmp_path / "cut"
     job = sbatch(slurm, tmp_path, "train", *onpolicy_args(toy_assets), "tracking.enabled=false",
                  f"run.dir={cut}")
-    end = time.time() + 300
-    while not any("rollout/probe_gap" in m for m in
-                  (read_metrics(cut) if (cut / "metrics.jsonl").is_file() else [])):
-        assert time.time() < end, "no weight sync after 300 s"
-        time.sleep(0.3)
+    log_file, end = tmp_path / f"{job}.log", time.time() + 300
+    while not (log_file.is_file() and "phase onpolicy: steps 3..5" in log_file.read_text()):
+        assert time.time() < end, "no on-policy phase after 300 s"
+        time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     wait_gone(slurm, job, timeout=600)
     log = (tmp_path / f"{job}.log").read_text()
