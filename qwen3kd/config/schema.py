@@ -376,6 +376,21 @@ class DemoVariant(str, Enum):
     recoverable = "recoverable"  # think traces may repair a slip with a check line (demo.slip_rate)
 
 
+class EvalSet(str, Enum):
+    """The held-out problems the demo's table (its eval stage) answers."""
+
+    test = "test"  # eval.jsonl: the test set
+    dev = "dev"  # dev.jsonl: the dev curves' problems (the study's dev phase never sees the test set)
+
+
+class StudyPhase(str, Enum):
+    """study/protocol.md, section 3: dev seeds tune on the dev set; test seeds run once on the
+    locked test set."""
+
+    dev = "dev"
+    test = "test"
+
+
 @dataclass
 class DemoTeacherConfig:
     """How `qwen3kd demo` trains its toy teacher (cross-entropy on the task's ground truth, both
@@ -411,6 +426,12 @@ class DemoConfig:
     # data) and answered by the student on-policy
     eval_problems: int = 256  # held out: never in training data or prompts (the table's test set)
     dev_problems: int = 100  # held out too, apart from those: the arms' learning curves
+    # Seeds of their own for the test and dev problems (the study's locked sets: study/protocol.md),
+    # drawn in that order, each disjoint from the ones before, and the training problems and
+    # prompts from demo.seed disjoint from both. None (both): all held-out problems from demo.seed.
+    test_seed: int | None = None
+    dev_seed: int | None = None
+    eval_set: EvalSet = EvalSet.test  # what the table's models answer
     # Every `curve_interval` steps each arm keeps a checkpoint that the eval stage scores on the
     # dev problems (greedy): accuracy against steps and against FLOPs. 0: no curves.
     curve_interval: int = 25
@@ -439,6 +460,9 @@ class StudyConfig:
 
     protocol: str = "study/protocol.md"  # its version and last commit are tagged on every run
     protocol_version: int = 1
+    # dev: the units' tables answer the dev set (demo.eval_set=dev). test: the locked test set,
+    # whose sha256 the first unit records in <run.dir>/test_set.sha256 and every later one must match.
+    phase: StudyPhase = StudyPhase.dev
     variants: list[DemoVariant] = field(default_factory=lambda: [DemoVariant.plain, DemoVariant.recoverable])
     seeds: list[int] = field(default_factory=lambda: [100, 101])  # dev seeds (the protocol's test seeds: 0, 1, 2)
     margin: float = 0.03  # the equivalence margin δ, in accuracy (3 points)

@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-from qwen3kd.config.schema import DemoVariant, JobConfig
+from qwen3kd.config.schema import DemoVariant, EvalSet, JobConfig
 from qwen3kd.demo import task
 from qwen3kd.errors import ConfigError
 from qwen3kd.files import write_text_atomic
@@ -58,6 +58,10 @@ CACHE_VERSION = 2
 DONE = "DONE"  # written last into a complete cache entry
 ARMS = ("control", "onpolicy", "rl")  # from the off-policy checkpoint, onpolicy.steps steps each
 MODELS = ("teacher", "student-before", "offpolicy", *ARMS)
+# A variant's arms besides those (study/protocol.md): in *recoverable* on-policy distillation with
+# forward KL too, on the same rollouts (is the teacher's full distribution on the student's own
+# prefixes, not only on its sampled token, what teaches the check lines?).
+EXTRA_ARMS = {DemoVariant.recoverable: ("onpolicy_fkl",)}
 MODES = ("think", "no_think")
 
 
@@ -93,6 +97,9 @@ class Demo:
             raise ConfigError("demo.curve_interval and demo.dev_problems must be >= 0")
         if cfg.demo.curve_interval and not cfg.demo.dev_problems:
             raise ConfigError("demo.curve_interval > 0 needs demo.dev_problems > 0 (the curves' problems)")
+        if (cfg.demo.test_seed is None) != (cfg.demo.dev_seed is None):
+            raise ConfigError("demo.test_seed and demo.dev_seed: set both (held-out sets of their own "
+                              "seeds) or neither (all held-out problems from demo.seed)")
         if cfg.demo.concurrent_stages < 1:
             raise ConfigError(f"demo.concurrent_stages must be >= 1, got {cfg.demo.concurrent_stages}")
         if cfg.demo.rl_lr_scale <= 0:
@@ -106,6 +113,13 @@ class Demo:
         self.run_ids: dict[str, str] = {}
         self.sharing = 1  # stages running at once: they share the CPU's threads
         self.gate_result = None  # recoverable: the teacher gate's rates
+        self.arms = ARMS + EXTRA_ARMS.get(cfg.demo.variant, ())
+        self.models = MODELS + EXTRA_ARMS.get(cfg.demo.variant, ())
+
+    @property
+    def table_set(self) -> str:
+        """The held-out problems the table answers (demo.eval_set): the test set or the dev set."""
+        return "eval.jsonl" if self.cfg.demo.eval_set is EvalSet.test else "dev.jsonl"
 
     # ---- running commands ---------------------------------------------------------------
     def _run(self, stage: str, args: list[str], nproc: int = 1, cwd: Path | None = None) -> None:
@@ -191,6 +205,8 @@ class Demo:
                 "vocab": self.cfg.model.vocab_size}
         if recoverable:  # (the plain task's key stays what it was: its cache entries hold)
             spec.update(variant=d.variant.value, slip_rate=d.slip_rate, gate=d.gate_problems)
+        if d.test_seed is not None:  # (likewise)
+            spec.update(test_seed=d.test_seed, dev_seed=d.dev_seed)
         out = self.cache / f"assets-{_key(spec)}"
         if (out / DONE).is_file():
             log.info("demo: assets from the cache (%s)", out)
@@ -198,8 +214,14 @@ class Demo:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         held = d.eval_problems + d.dev_problems
+        locked = []  # the test and dev problems, when drawn with seeds of their own
+        if d.test_seed is not None:
+            for n, seed in ((d.eval_problems, d.test_seed), (d.dev_problems, d.dev_seed)):
+                locked += task.split_problems(0, n, seed, exclude=frozenset(locked))[1]
         train, held_out = task.split_problems(d.train_problems + d.prompts,
-                                              held + (d.gate_problems if recoverable else 0), d.seed)
+                                              (0 if locked else held) + (d.gate_problems if recoverable else 0),
+                                              d.seed, exclude=frozenset(locked))
+        held_out = locked + held_out
         truth, prompts = train[: d.train_problems], train[d.train_problems:]
         rng = np.random.default_rng([d.seed, 1])  # the slips'
         slips = [task.random_slip(p, rng) if recoverable and i % 2 == 0 and rng.random() < d.slip_rate
@@ -314,8 +336,12 @@ class Demo:
                              **{"checkpoint.load": str(student), "resume": "never"})
 
     def arm(self, name: str, assets, teacher, data, start: Path) -> Path:
-        """One arm from the off-policy checkpoint `start`, onpolicy.steps steps: control (more
-        off-policy), onpolicy (distillation on the student's answers) or rl (GRPO on them)."""
+        return self._distill(name, assets, teacher, data, **self.arm_changes(name, start))
+
+    def arm_changes(self, name: str, start: Path) -> dict:
+        """The config of one arm from the off-policy checkpoint `start`, onpolicy.steps steps:
+        control (more off-policy), onpolicy (distillation on the student's answers, onpolicy.kd_kind),
+        onpolicy_fkl (the same with forward KL) or rl (GRPO on them)."""
         changes = {"resume": str(start)}
         if name == "control":
             changes.update({"phases": ["offpolicy"],
@@ -323,17 +349,19 @@ class Demo:
         else:
             changes.update({"phases": ["offpolicy", "onpolicy"],
                             "onpolicy.objective": "grpo" if name == "rl" else "kd"})
+        if name == "onpolicy_fkl":
+            changes["onpolicy.kd_kind"] = "forward_kl"
         if name == "rl":
             scale = self.cfg.demo.rl_lr_scale
             changes.update({"optim.lr": self.cfg.optim.lr * scale, "optim.min_lr": self.cfg.optim.min_lr * scale})
         if self.cfg.demo.curve_interval:  # the checkpoints of the dev curve
             changes.update({"checkpoint.interval": self.cfg.demo.curve_interval, "checkpoint.keep_last": 0})
-        return self._distill(name, assets, teacher, data, **changes)
+        return changes
 
     def evaluate(self, assets: Path, models: dict[str, Path], stage: str = "eval",
-                 prompts: str = "eval.jsonl", samples: int | None = None) -> dict:
+                 prompts: str | None = None, samples: int | None = None) -> dict:
         d = deepcopy(self.base)
-        d["accuracy"].update(prompts=str(assets / prompts), tokenizer=str(assets / "tokenizer"))
+        d["accuracy"].update(prompts=str(assets / (prompts or self.table_set)), tokenizer=str(assets / "tokenizer"))
         if samples is not None:
             d["accuracy"]["samples"] = samples
         run_dir = self.root / stage
@@ -351,12 +379,12 @@ class Demo:
 
         branch = int(start.name.split("_")[-1])
         models = {f"offpolicy@{branch}": start}
-        for arm in ARMS:
+        for arm in self.arms:
             for step, path in complete_checkpoints(self.root / arm / "checkpoints"):
                 models[f"{arm}@{step}"] = path
         results = self.evaluate(assets, models, "curves", "dev.jsonl", samples=0)
         out = {}
-        for arm in ARMS:
+        for arm in self.arms:
             flops = {r["step"]: r["compute/flops"] for r in read_metrics(self.root / arm) if "compute/flops" in r}
             points = {branch: results[f"offpolicy@{branch}"]}
             points.update({int(n.split("@")[1]): r for n, r in results.items() if n.startswith(f"{arm}@")})
@@ -380,7 +408,7 @@ class Demo:
             offpolicy = self._timed("offpolicy", self.offpolicy, assets, teacher, student, data)
             # The arms run in turn: at once, three trainers and two rollout engines on 2 cores took
             # 1.5× as long as in turn (README, "The demo").
-            arms = {a: self._timed(a, self.arm, a, assets, teacher, data, offpolicy) for a in ARMS}
+            arms = {a: self._timed(a, self.arm, a, assets, teacher, data, offpolicy) for a in self.arms}
             models = {"teacher": teacher, "student-before": student, "offpolicy": offpolicy, **arms}
             done = self._concurrently({"eval": (self.evaluate, assets, models), **(
                 {"curves": (self.curves, assets, offpolicy)} if self.cfg.demo.curve_interval else {})})
@@ -398,9 +426,9 @@ class Demo:
     def summary(self, assets: Path, results: dict, models: dict[str, Path], curves: dict) -> dict:
         from qwen3kd.study.gate import recovery
 
-        acc = {m: {mode: results[m][mode]["accuracy"] for mode in MODES} for m in MODELS}
+        acc = {m: {mode: results[m][mode]["accuracy"] for mode in MODES} for m in self.models}
         comp = [results["onpolicy"][mode]["compliance"] for mode in MODES]
-        compute = {stage: self.compute(stage) for stage in ("offpolicy", *ARMS)}
+        compute = {stage: self.compute(stage) for stage in ("offpolicy", *self.arms)}
         # A cached teacher's ledger is in its cache entry; its wall-seconds are another run's.
         compute["teacher"] = self.compute("teacher", Path(models["teacher"]).parent)
 
@@ -413,12 +441,12 @@ class Demo:
                                    "compliance": results[a][mode]["compliance"],
                                    "hard": results[a].get(f"{mode}/hard")} for mode in MODES},
                          "flops": compute[a]["flops"], "seconds": compute[a]["seconds"],
-                         "cpu_seconds": compute[a]["cpu_seconds"]} for a in ARMS},
+                         "cpu_seconds": compute[a]["cpu_seconds"]} for a in self.arms},
             "compute": compute,
             "curves": curves,
             "paths": {m: str(p) for m, p in models.items()},
             "steps": {"teacher": self.cfg.demo.teacher.steps, "offpolicy": self.cfg.train.steps,
-                      **{a: self.cfg.onpolicy.steps for a in ARMS}},
+                      **{a: self.cfg.onpolicy.steps for a in self.arms}},
             "claims": {
                 "onpolicy_beats_control": {mode: acc["onpolicy"][mode] > acc["control"][mode] for mode in MODES},
                 "onpolicy_beats_rl": {mode: acc["onpolicy"][mode] > acc["rl"][mode] for mode in MODES},
@@ -426,14 +454,15 @@ class Demo:
                 "onpolicy_vs_rl_paired": self.paired("onpolicy", "rl"),
                 # What each arm did to pass@k (the report: RL leaves pass@64 flat, OPD raises it).
                 "pass_at_k_change": {a: {mode: {k: v - passes("offpolicy")[mode][k] for k, v in passes(a)[mode].items()}
-                                         for mode in MODES} for a in ARMS},
+                                         for mode in MODES} for a in self.arms},
                 "rl_flops_over_onpolicy": compute["rl"]["flops"] / compute["onpolicy"]["flops"],
                 "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode] for mode in MODES},
                 "onpolicy_compliance_at_least_99pct": min(comp) >= 0.99,
             },
             "variant": self.cfg.demo.variant.value,
+            "eval_set": self.cfg.demo.eval_set.value,  # the held-out problems of `models`
             "gate": self.gate_result,
-            "recovery": recovery(self.root / "eval" / "accuracy.samples", assets / "eval.jsonl", MODELS)
+            "recovery": recovery(self.root / "eval" / "accuracy.samples", assets / self.table_set, self.models)
             if self.cfg.demo.variant is DemoVariant.recoverable else None,
             "teacher_cached": self.teacher_cached,
             "seconds": self.times,
@@ -492,7 +521,7 @@ class Demo:
             return
         from qwen3kd.tracking.mlflow_run import MlflowRun
 
-        for m in MODELS:
+        for m in self.models:
             metrics = {f"{k}/{mode}": v[k] for mode, v in summary["models"][m].items()
                        if mode != "all" for k in ("accuracy", "compliance", "think_tokens", "response_tokens")}
             metrics.update({f"pass_at_{k}/{mode}": p for mode, v in summary["models"][m].items()

@@ -3,7 +3,7 @@ words, both from its summary.json (qwen3kd/demo/pipeline.py)."""
 
 from __future__ import annotations
 
-from qwen3kd.demo.pipeline import MODELS, MODES
+from qwen3kd.demo.pipeline import MODES
 
 
 def _pct(x: float | None) -> str:
@@ -49,10 +49,11 @@ def table(summary: dict) -> str:
              "offpolicy": f"off-policy distillation ({steps['offpolicy']} steps)",
              "control": f"control: off-policy (+{steps['control']} steps)",
              "onpolicy": f"on-policy distillation (+{steps['onpolicy']} steps)",
+             "onpolicy_fkl": f"on-policy distillation, forward KL (+{steps.get('onpolicy_fkl')} steps)",
              "rl": f"RL, GRPO (+{steps['rl']} steps)"}
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for m in MODELS:
-        r, c = models[m], compute.get(m)
+    for m, r in models.items():  # the variant's models, in the pipeline's order
+        c = compute.get(m)
         cells = [label[m], _pct(r["think"]["accuracy"]), _pct(r["no_think"]["accuracy"]),
                  *[_pct(r[mode].get("pass_at_k", {}).get(k)) for mode in MODES for k in ks],
                  _pct(r.get("think/hard", {}).get("accuracy")),

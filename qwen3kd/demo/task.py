@@ -138,20 +138,23 @@ def sample_problem(rng: np.random.Generator, ops: tuple[str, ...] = OPS) -> Prob
     return Problem(number(2), "*", int(rng.integers(2, 10)))
 
 
-def split_problems(n_train: int, n_eval: int, seed: int,
-                   ops: tuple[str, ...] = OPS) -> tuple[list[Problem], list[Problem]]:
+def split_problems(n_train: int, n_eval: int, seed: int, ops: tuple[str, ...] = OPS,
+                   exclude: frozenset[Problem] = frozenset()) -> tuple[list[Problem], list[Problem]]:
     """Train / held-out problems from the same distribution: the held-out ones are distinct and
-    never appear in training. Training problems may repeat (there are only ~800 products of a
+    never appear in training, and neither contains a problem of `exclude` (held-out sets drawn
+    with seeds of their own). Training problems may repeat (there are only ~800 products of a
     two-digit and a one-digit number, and half of the problems are products). The demo splits
     the held-out problems into its test set (the first) and its dev set (the rest)."""
     rng = np.random.default_rng(seed)
     held_out: dict[Problem, None] = {}
     while len(held_out) < n_eval:
-        held_out[sample_problem(rng, ops)] = None
+        p = sample_problem(rng, ops)
+        if p not in exclude:
+            held_out[p] = None
     train = []
     while len(train) < n_train:
         p = sample_problem(rng, ops)
-        if p not in held_out:
+        if p not in held_out and p not in exclude:
             train.append(p)
     return train, list(held_out)
 

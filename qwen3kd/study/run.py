@@ -14,6 +14,7 @@ report  the protocol's analysis (qwen3kd/study/analysis.py) of the finished unit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from qwen3kd.config.schema import DemoVariant, JobConfig
+from qwen3kd.config.schema import DemoVariant, JobConfig, StudyPhase
+from qwen3kd.demo.pipeline import ARMS, EXTRA_ARMS
 from qwen3kd.errors import ConfigError
 from qwen3kd.files import write_text_atomic
 from qwen3kd.study import analysis
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("think", "no_think")
 VOID = "VOID"  # a variant's marker file: its teacher gate failed
+TEST_SET_LOCK = "test_set.sha256"  # <run.dir>/…: the locked test set's hash (test phase)
+TEST_SET_TAG = "qwen3kd.test_set_sha256"
 
 # The primary family (protocol, section 1): (id, variant or None for every variant, arm A, arm B,
 # kind, modes). `onpolicy` is the protocol's `opd`.
@@ -68,18 +72,36 @@ class Study:
         return self.root / variant.value / f"seed-{seed}"
 
     def tags(self) -> dict[str, str]:
-        """The protocol's version and the commit that last changed its file, the code's commit."""
+        """The protocol's version and the commit that last changed its file, the code's commit,
+        the phase (dev or test seeds)."""
         where = self.protocol.resolve().parent
         return {"qwen3kd.protocol_version": str(self.cfg.study.protocol_version),
+                "qwen3kd.study_phase": self.cfg.study.phase.value,
                 "qwen3kd.protocol_commit": _git(where, "log", "-1", "--format=%H", "--", self.protocol.name),
                 "qwen3kd.commit": _git(where, "rev-parse", "HEAD")}
+
+    def locked_test_set(self, assets: Path) -> str:
+        """The test set's sha256 (protocol, section 2): the first test-phase unit records it in
+        <run.dir>/test_set.sha256, every later unit must have drawn the same file."""
+        test_set = assets / "eval.jsonl"
+        sha = hashlib.sha256(test_set.read_bytes()).hexdigest()
+        lock = self.root / TEST_SET_LOCK
+        if not lock.is_file():
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(lock, sha + "\n")
+            log.info("study: the test set %s is locked (sha256 %s, %s)", test_set, sha, lock)
+        elif (locked := lock.read_text().strip()) != sha:
+            raise ConfigError(f"{test_set}: sha256 {sha} is not the study's locked test set ({lock}: "
+                              f"{locked}); a demo.* key that draws it (seed, eval_problems, test_seed, "
+                              f"dev_seed) changed since the first test-seed unit")
+        return sha
 
     # ---- run ----------------------------------------------------------------------------
     def run(self) -> dict:
         from qwen3kd.demo.pipeline import Demo, GateFailed
         from qwen3kd.tracking.mlflow_run import MlflowRun
 
-        t, tags = self.cfg.tracking, self.tags()
+        t, tags, phase = self.cfg.tracking, self.tags(), self.cfg.study.phase
         self.root.mkdir(parents=True, exist_ok=True)
         uri = t.uri or f"sqlite:///{self.root / 'mlflow.db'}"
         parent = MlflowRun.start(uri, t.experiment, self.root, self.cfg.run.name,
@@ -99,10 +121,12 @@ class Study:
                         continue
                     cfg = OmegaConf.merge(self.cfg, {
                         "run": {"name": f"{variant.value}-seed-{seed}", "dir": str(unit)},
-                        "demo": {"variant": variant.value},
+                        "demo": {"variant": variant.value, "eval_set": phase.value},
                         "train": {"seed": seed}, "rollout": {"seed": seed},
                         "tracking": {"uri": uri, "tags": tags,
                                      "parent_run_id": parent.run_id if parent and parent.active else None}})
+                    if phase is StudyPhase.test:
+                        cfg.tracking.tags[TEST_SET_TAG] = self.locked_test_set(Demo(cfg, self.config_path).assets())
                     log.info("study: %s (%d variants × %d seeds)", key, len(self.cfg.study.variants),
                              len(self.cfg.study.seeds))
                     try:
@@ -171,9 +195,16 @@ class Study:
             r["decision"] = analysis.decide(r["kind"], r.pop("comparison"), rej, s.margin)
         units = {f"{v.value}/seed-{seed}": (self.unit_dir(v, seed) / "summary.json").is_file()
                  for v in s.variants for seed in s.seeds}
+        # Every arm of every variant, tested or not (the protocol: everything is reported).
+        arms = [{"variant": v.value, "arm": arm, "mode": mode, "accuracy": {str(k): float(x.mean()) for k, x in c.items()}}
+                for v in s.variants for arm in ("offpolicy", *ARMS, *EXTRA_ARMS.get(v, ())) for mode in MODES
+                if (c := self.correctness(v, arm, mode))]
+        lock = self.root / TEST_SET_LOCK
         report = {"protocol": str(self.protocol), "protocol_version": s.protocol_version,
+                  "phase": s.phase.value,
+                  "test_set_sha256": lock.read_text().strip() if lock.is_file() else None,
                   "tags": self.tags(), "units_finished": units, "margin": s.margin, "alpha": s.alpha,
-                  "hypotheses": tests}
+                  "hypotheses": tests, "arms": arms}
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.root / "report.json", json.dumps(report, indent=1) + "\n")
         write_text_atomic(self.root / "report.md", report_table(report))
@@ -184,7 +215,10 @@ def report_table(report: dict) -> str:
     def pts(x: float) -> str:
         return f"{100 * x:+.1f}"
 
-    lines = ["| hypothesis | variant | mode | comparison | seeds | effect (points) | 95 % CI | 90 % CI | "
+    phase = (f"test seeds on the locked test set (sha256 {report['test_set_sha256']})" if report["phase"] == "test"
+             else "dev seeds on the dev set: for tuning, not evidence for or against a hypothesis")
+    lines = [f"Phase: {phase}.", "",
+             "| hypothesis | variant | mode | comparison | seeds | effect (points) | 95 % CI | 90 % CI | "
              "seed spread | p (Holm) | decision |", "|---|---|---|---|---:|---:|---|---|---:|---:|---|"]
     for r in report["hypotheses"]:
         if "effect" not in r:
@@ -196,4 +230,10 @@ def report_table(report: dict) -> str:
                      f"{len(r['seeds'])} | {pts(r['effect'])} | [{pts(r['ci95'][0])}, {pts(r['ci95'][1])}] | "
                      f"[{pts(r['ci90'][0])}, {pts(r['ci90'][1])}] | {spread} | {r['p_holm']:.3f} | "
                      f"{r['decision']} |")
+    lines += ["", "Greedy accuracy of every arm, mean over its finished seeds (each seed's in brackets):", "",
+              "| variant | model | mode | accuracy | per seed |", "|---|---|---|---:|---|"]
+    for r in report["arms"]:
+        per_seed = ", ".join(f"{k}: {100 * v:.1f}" for k, v in r["accuracy"].items())
+        lines.append(f"| {r['variant']} | {r['arm']} | {r['mode']} | "
+                     f"{100 * float(np.mean(list(r['accuracy'].values()))):.1f} % | {per_seed} |")
     return "\n".join(lines) + "\n"

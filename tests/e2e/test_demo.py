@@ -45,8 +45,9 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
         assert column in header, column
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary) == {"models", "arms", "compute", "curves", "paths", "steps", "claims",
-                            "variant", "gate", "recovery", "teacher_cached", "seconds", "mlflow", "config"}
+                            "variant", "eval_set", "gate", "recovery", "teacher_cached", "seconds", "mlflow", "config"}
     assert summary["variant"] == "plain" and summary["gate"] is None and summary["recovery"] is None
+    assert summary["eval_set"] == "test"
     assert list(summary["models"]) == list(MODELS) and summary["teacher_cached"] is False
     for m in MODELS:
         assert {"think", "no_think", "all"} <= set(summary["models"][m])

@@ -3,6 +3,7 @@ checks (the whole pipeline runs in tests/e2e/test_demo.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,46 @@ def test_depth_pruned_student_is_the_teacher_without_the_dropped_layers(tmp_path
     (["demo.curve_interval=-1"], r"demo.curve_interval and demo.dev_problems must be >= 0"),
     (["demo.rl_lr_scale=0"], r"demo.rl_lr_scale must be > 0, got 0"),
     (["demo.dev_problems=0"], r"demo.curve_interval > 0 needs demo.dev_problems > 0"),
+    (["demo.test_seed=9001"], r"demo.test_seed and demo.dev_seed: set both"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         Demo(load_config(DEMO, overrides), DEMO)
+
+
+def _held_out(tmp_path, *overrides: str) -> dict[str, list[str]]:
+    small = ["demo.train_problems=300", "demo.prompts=100", "demo.eval_problems=200", "demo.dev_problems=60"]
+    cfg = load_config(DEMO, [f"demo.cache={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", *small, *overrides])
+    assets = Demo(cfg, DEMO).assets()
+    questions = {}
+    for name in ("truth", "prompts", "eval", "dev"):
+        lines = [json.loads(x) for x in (assets / f"{name}.jsonl").read_text().splitlines()]
+        questions[name] = [x["messages"][0]["content"] for x in lines]
+    return questions
+
+
+def test_locked_held_out_sets_have_seeds_of_their_own(tmp_path):
+    """demo.test_seed / dev_seed (the study's locked sets): the test set is the same file whatever
+    demo.seed draws for training; test, dev and training problems are pairwise disjoint."""
+    locked = ["demo.test_seed=9001", "demo.dev_seed=9002"]
+    a = _held_out(tmp_path / "a", *locked, "demo.seed=0")
+    b = _held_out(tmp_path / "b", *locked, "demo.seed=1")
+    assert a["eval"] == b["eval"] and a["dev"] == b["dev"] and a["truth"] != b["truth"]
+    assert len(set(a["eval"])) == 200 and len(set(a["dev"])) == 60 and not set(a["eval"]) & set(a["dev"])
+    for q in (a, b):
+        assert not (set(q["truth"]) | set(q["prompts"])) & (set(q["eval"]) | set(q["dev"]))
+    # Without them the held-out problems come from demo.seed, as they always have.
+    c = _held_out(tmp_path / "c", "demo.seed=0")
+    assert c["eval"] != a["eval"] and not (set(c["truth"]) | set(c["prompts"])) & (set(c["eval"]) | set(c["dev"]))
+
+
+def test_recoverable_variant_adds_a_forward_kl_arm_on_the_same_rollouts():
+    plain, rec = Demo(load_config(DEMO), DEMO), Demo(load_config(DEMO, ["demo.variant=recoverable"]), DEMO)
+    assert plain.arms == ("control", "onpolicy", "rl") and rec.arms == (*plain.arms, "onpolicy_fkl")
+    assert rec.models[-1] == "onpolicy_fkl" and "onpolicy_fkl" not in plain.models
+    start = Path("/runs/demo/offpolicy/checkpoints/step_0000250")
+    opd, fkl = rec.arm_changes("onpolicy", start), rec.arm_changes("onpolicy_fkl", start)
+    # The same run as on-policy distillation (prompts, modes and sampling seeds: rollout.seed, the
+    # same in both) but for the KL's direction; the on-policy default is reverse KL.
+    assert rec.base["onpolicy"]["kd_kind"] == "reverse_kl" and opd["onpolicy.objective"] == "kd"
+    assert fkl == {**opd, "onpolicy.kd_kind": "forward_kl"}

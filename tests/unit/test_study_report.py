@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from qwen3kd.config.loader import load_config
-from qwen3kd.study.run import VOID, Study
+from qwen3kd.errors import ConfigError
+from qwen3kd.study.run import TEST_SET_LOCK, VOID, Study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +27,7 @@ def _unit(root: Path, variant: str, seed: int, accuracy: dict[tuple[str, str], f
     samples.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     shared = {mode: rng.random(1000) for mode in ("think", "no_think")}
-    for arm in ("control", "onpolicy", "rl"):
+    for arm in ("offpolicy", "control", "onpolicy", "rl"):
         lines = []
         for mode in ("think", "no_think"):
             right = (shared[mode] < accuracy[arm, mode]) ^ (rng.random(1000) < 0.04)
@@ -42,6 +44,7 @@ def test_report_decisions(tmp_path):
     plain = {("control", m): 0.6 for m in ("think", "no_think")}
     plain.update({("onpolicy", m): 0.6 for m in ("think", "no_think")})
     plain.update({("rl", m): 0.4 for m in ("think", "no_think")})
+    plain.update({("offpolicy", m): 0.5 for m in ("think", "no_think")})
     for seed in (0, 1, 2):
         _unit(tmp_path, "plain", seed, plain)
     (tmp_path / "recoverable").mkdir()
@@ -65,6 +68,29 @@ def test_report_decisions(tmp_path):
     assert report["tags"]["qwen3kd.protocol_version"] == "1"
     text = (tmp_path / "report.md").read_text()
     assert "| H4 | plain | think | onpolicy − rl (superiority) | 3 |" in text and "| void |" in text
+    assert report["phase"] == "dev" and text.startswith("Phase: dev seeds on the dev set")
+    # Every arm is reported, tested or not: the off-policy start too, per seed.
+    arms = {(r["variant"], r["arm"], r["mode"]): r["accuracy"] for r in report["arms"]}
+    assert set(arms) == {("plain", a, m) for a in ("offpolicy", "control", "onpolicy", "rl") for m in ("think", "no_think")}
+    assert list(arms["plain", "rl", "think"]) == ["0", "1", "2"] and 0.3 < arms["plain", "rl", "think"]["0"] < 0.5
+    assert "| plain | offpolicy | think |" in text
+
+
+def test_the_test_set_is_locked_by_the_first_test_unit(tmp_path):
+    cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
+                      [f"run.dir={tmp_path / 'study'}", f"study.protocol={REPO / 'study/protocol.md'}",
+                       "study.phase=test"], check_files=False)
+    study = Study(cfg, Path("study.yaml"))
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "eval.jsonl").write_text('{"a": 1}\n')
+    sha = study.locked_test_set(assets)
+    assert (tmp_path / "study" / TEST_SET_LOCK).read_text() == sha + "\n"
+    assert study.locked_test_set(assets) == sha  # the same file again: fine
+    (assets / "eval.jsonl").write_text('{"a": 2}\n')
+    with pytest.raises(ConfigError, match=r"eval.jsonl: sha256 \w+ is not the study's locked test set"):
+        study.locked_test_set(assets)
+    assert Study(cfg, Path("study.yaml")).report()["test_set_sha256"] == sha
 
 
 def test_report_of_units_not_run(tmp_path):
