@@ -147,11 +147,41 @@ class Study:
         return report
 
     # ---- report -------------------------------------------------------------------------
+    def secondary(self) -> list[dict]:
+        """H5 (the protocol's secondary hypothesis: intervals, no test): per variant and mode,
+        on-policy distillation's pass@k change from the off-policy start minus RL's, k the
+        largest of accuracy.pass_k. Both changes are from one start on the same problems, so
+        the difference is the paired per-problem pass@k difference of the two arms."""
+        s, k = self.cfg.study, max(self.cfg.accuracy.pass_k, default=1)
+        rows = []
+        for variant in s.variants:
+            for mode in MODES:
+                a, b = self.pass_at(variant, "onpolicy", mode, k), self.pass_at(variant, "rl", mode, k)
+                row = {"id": "H5", "variant": variant.value, "mode": mode, "metric": f"pass@{k}",
+                       "a": "onpolicy", "b": "rl"}
+                if (self.root / variant.value / VOID).is_file():
+                    row["void"] = True
+                elif a and set(a) == set(b):
+                    c = analysis.compare(analysis.paired_differences(a, b), s.resamples)
+                    row.update(seeds=sorted(a), effect=c.effect, ci95=c.ci95)
+                rows.append(row)
+        return rows
+
     def correctness(self, variant: DemoVariant, arm: str, mode: str) -> dict[int, np.ndarray]:
         """Per finished seed, the arm's greedy correctness on each test problem of `mode`, in
         problem order."""
         return {seed: by_mode[mode] for seed in self.cfg.study.seeds
                 if (by_mode := self._results(variant, seed, arm)) is not None}
+
+    def pass_at(self, variant: DemoVariant, arm: str, mode: str, k: int) -> dict[int, np.ndarray]:
+        """Per finished seed, the arm's pass@k on each test problem of `mode` (the unbiased
+        estimator from its accuracy.samples correct answers out of n = accuracy.samples)."""
+        from qwen3kd.rollout.accuracy import pass_at_k
+
+        n = self.cfg.accuracy.samples
+        return {seed: np.array([pass_at_k(n, int(c), k) for c in by_mode[f"sampled/{mode}"]])
+                for seed in self.cfg.study.seeds
+                if (by_mode := self._results(variant, seed, arm)) is not None and f"sampled/{mode}" in by_mode}
 
     def _results(self, variant: DemoVariant, seed: int, arm: str) -> dict[str, np.ndarray] | None:
         """A finished unit's arm: per mode its correctness in problem order (each file read once
@@ -161,10 +191,12 @@ class Study:
             unit = self.unit_dir(variant, seed)
             self._read[key] = None
             if (unit / "summary.json").is_file():
-                rows = sorted((r["mode"], r["prompt_line"], r["correct"]) for r in map(
+                rows = sorted((r["mode"], r["prompt_line"], r["correct"], r.get("sampled_correct")) for r in map(
                     json.loads, (unit / "eval" / "accuracy.samples" / f"{arm}.jsonl").read_text().splitlines()))
-                self._read[key] = {mode: np.array([c for m, _, c in rows if m == mode], dtype=float)
-                                   for mode in MODES}
+                by_mode = {mode: [r for r in rows if r[0] == mode] for mode in MODES}
+                self._read[key] = {mode: np.array([r[2] for r in by_mode[mode]], dtype=float) for mode in MODES}
+                self._read[key].update({f"sampled/{mode}": np.array([r[3] for r in by_mode[mode]], dtype=float)
+                                        for mode in MODES if all(r[3] is not None for r in by_mode[mode])})
         return self._read[key]
 
     def report(self) -> dict:
@@ -193,6 +225,7 @@ class Study:
         for r, p_adj, rej in zip(tested, adjusted, rejected, strict=True):
             r["p_holm"] = p_adj
             r["decision"] = analysis.decide(r["kind"], r.pop("comparison"), rej, s.margin)
+        secondary = self.secondary()
         units = {f"{v.value}/seed-{seed}": (self.unit_dir(v, seed) / "summary.json").is_file()
                  for v in s.variants for seed in s.seeds}
         # Every arm of every variant, tested or not (the protocol: everything is reported).
@@ -204,7 +237,7 @@ class Study:
                   "phase": s.phase.value,
                   "test_set_sha256": lock.read_text().strip() if lock.is_file() else None,
                   "tags": self.tags(), "units_finished": units, "margin": s.margin, "alpha": s.alpha,
-                  "hypotheses": tests, "arms": arms}
+                  "hypotheses": tests, "secondary": secondary, "arms": arms}
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.root / "report.json", json.dumps(report, indent=1) + "\n")
         write_text_atomic(self.root / "report.md", report_table(report))
@@ -230,6 +263,13 @@ def report_table(report: dict) -> str:
                      f"{len(r['seeds'])} | {pts(r['effect'])} | [{pts(r['ci95'][0])}, {pts(r['ci95'][1])}] | "
                      f"[{pts(r['ci90'][0])}, {pts(r['ci90'][1])}] | {spread} | {r['p_holm']:.3f} | "
                      f"{r['decision']} |")
+    lines += ["", "Secondary (H5, intervals and no test): pass@k change from the off-policy start, "
+              "on-policy distillation − RL:", "", "| variant | mode | metric | seeds | effect (points) | 95 % CI |",
+              "|---|---|---|---:|---:|---|"]
+    for r in report["secondary"]:
+        cells = ([str(len(r["seeds"])), pts(r["effect"]), f"[{pts(r['ci95'][0])}, {pts(r['ci95'][1])}]"]
+                 if "effect" in r else ["–", "–", "void" if r.get("void") else "not run"])
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['metric']} | " + " | ".join(cells) + " |")
     lines += ["", "Greedy accuracy of every arm, mean over its finished seeds (each seed's in brackets):", "",
               "| variant | model | mode | accuracy | per seed |", "|---|---|---|---:|---|"]
     for r in report["arms"]:

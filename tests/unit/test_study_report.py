@@ -31,7 +31,9 @@ def _unit(root: Path, variant: str, seed: int, accuracy: dict[tuple[str, str], f
         lines = []
         for mode in ("think", "no_think"):
             right = (shared[mode] < accuracy[arm, mode]) ^ (rng.random(1000) < 0.04)
-            lines += [json.dumps({"prompt_line": i + 1, "mode": mode, "correct": bool(c)}) for i, c in enumerate(right)]
+            # 4 of 8 samples right where the greedy answer is, none elsewhere: pass@8 = greedy.
+            lines += [json.dumps({"prompt_line": i + 1, "mode": mode, "correct": bool(c), "sampled_correct": 4 * int(c)})
+                      for i, c in enumerate(right)]
         (samples / f"{arm}.jsonl").write_text("\n".join(lines) + "\n")
     (unit / "summary.json").write_text("{}\n")
 
@@ -39,7 +41,8 @@ def _unit(root: Path, variant: str, seed: int, accuracy: dict[tuple[str, str], f
 def test_report_decisions(tmp_path):
     cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
                       [f"run.dir={tmp_path}", f"study.protocol={REPO / 'study/protocol.md'}",
-                       "study.seeds=[0,1,2]", "study.resamples=2000"], check_files=False)
+                       "study.seeds=[0,1,2]", "study.resamples=2000", "accuracy.samples=8",
+                       "accuracy.pass_k=[1,8]"], check_files=False)
     # plain: on-policy = control (equivalence holds), on-policy ≫ RL (superiority holds).
     plain = {("control", m): 0.6 for m in ("think", "no_think")}
     plain.update({("onpolicy", m): 0.6 for m in ("think", "no_think")})
@@ -74,6 +77,11 @@ def test_report_decisions(tmp_path):
     assert set(arms) == {("plain", a, m) for a in ("offpolicy", "control", "onpolicy", "rl") for m in ("think", "no_think")}
     assert list(arms["plain", "rl", "think"]) == ["0", "1", "2"] and 0.3 < arms["plain", "rl", "think"]["0"] < 0.5
     assert "| plain | offpolicy | think |" in text
+    # H5: pass@8 of on-policy − RL, intervals and no test; here pass@8 is each greedy result.
+    h5 = {(r["variant"], r["mode"]): r for r in report["secondary"]}
+    assert h5["plain", "think"]["metric"] == "pass@8" and "p" not in h5["plain", "think"]
+    assert abs(h5["plain", "think"]["effect"] - rows["H4", "plain", "think"]["effect"]) < 1e-12
+    assert h5["recoverable", "think"].get("void") and "| recoverable | think | pass@8 | – | – | void |" in text
 
 
 def test_the_test_set_is_locked_by_the_first_test_unit(tmp_path):
