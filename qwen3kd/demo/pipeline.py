@@ -16,6 +16,7 @@ to its outputs (`<run.dir>/<stage>/stage.yaml`, rerunnable by hand) and its log 
              tokens, reverse KL
     rl       reinforcement learning (GRPO) on the same rollouts: the same prompts, modes and
              sampling seeds as onpolicy at every step, rewarded by the exact-match verifier
+    onpolicy_fkl  (recoverable only) onpolicy with forward KL, on the same rollouts
   eval       `qwen3kd eval`: every model answers the held-out test problems greedily and
              `accuracy.samples` times at T = 1 (pass@k) in both modes
   curves     `qwen3kd eval`: each arm's checkpoints (every `demo.curve_interval` steps) answer
@@ -30,7 +31,6 @@ the arms, the dev curve (`dev/accuracy/MODE` and `dev/flops` at each kept step);
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,26 +42,27 @@ import time
 from copy import deepcopy
 from pathlib import Path
 
-import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
 from qwen3kd.config.schema import DemoVariant, EvalSet, JobConfig
-from qwen3kd.demo import task
+from qwen3kd.demo.assets import CACHE_VERSION, DONE, build_assets, cache_key
 from qwen3kd.errors import ConfigError
 from qwen3kd.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 # Bump when the task's text or the teacher's recipe changes what a cached entry holds.
-CACHE_VERSION = 2
-DONE = "DONE"  # written last into a complete cache entry
 ARMS = ("control", "onpolicy", "rl")  # from the off-policy checkpoint, onpolicy.steps steps each
 MODELS = ("teacher", "student-before", "offpolicy", *ARMS)
 # A variant's arms besides those (study/protocol.md): in *recoverable* on-policy distillation with
 # forward KL too, on the same rollouts (is the teacher's full distribution on the student's own
 # prefixes, not only on its sampled token, what teaches the check lines?).
 EXTRA_ARMS = {DemoVariant.recoverable: ("onpolicy_fkl",)}
+
+
+def arms_of(variant: DemoVariant) -> tuple[str, ...]:
+    return ARMS + EXTRA_ARMS.get(variant, ())
 MODES = ("think", "no_think")
 
 
@@ -78,10 +79,6 @@ PROGRESS_S = 15.0
 # 3/8: 192/512 prompts done, … ETA 40 s") and eval's ("model 2/6 (offpolicy) evaluated, ETA 30 s"):
 # what to echo of a stage's output.
 _PROGRESS = re.compile(r"(?:step (\d+)/(\d+)|shard \d+/\d+|model \d+/\d+).*?(?:eta|ETA) \S+(?: s)?")
-
-
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 class Demo:
@@ -113,8 +110,8 @@ class Demo:
         self.run_ids: dict[str, str] = {}
         self.sharing = 1  # stages running at once: they share the CPU's threads
         self.gate_result = None  # recoverable: the teacher gate's rates
-        self.arms = ARMS + EXTRA_ARMS.get(cfg.demo.variant, ())
-        self.models = MODELS + EXTRA_ARMS.get(cfg.demo.variant, ())
+        self.arms = arms_of(cfg.demo.variant)
+        self.models = (*MODELS[: -len(ARMS)], *self.arms)
 
     @property
     def table_set(self) -> str:
@@ -196,49 +193,7 @@ class Demo:
 
     # ---- stages -------------------------------------------------------------------------
     def assets(self) -> Path:
-        from qwen3kd.data.toy_tokenizer import build_toy_tokenizer, default_corpus
-
-        d = self.cfg.demo
-        recoverable = d.variant is DemoVariant.recoverable
-        spec = {"version": CACHE_VERSION, "seed": d.seed, "train": d.train_problems,
-                "prompts": d.prompts, "eval": d.eval_problems, "dev": d.dev_problems,
-                "vocab": self.cfg.model.vocab_size}
-        if recoverable:  # (the plain task's key stays what it was: its cache entries hold)
-            spec.update(variant=d.variant.value, slip_rate=d.slip_rate, gate=d.gate_problems)
-        if d.test_seed is not None:  # (likewise)
-            spec.update(test_seed=d.test_seed, dev_seed=d.dev_seed)
-        out = self.cache / f"assets-{_key(spec)}"
-        if (out / DONE).is_file():
-            log.info("demo: assets from the cache (%s)", out)
-            return out
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        held = d.eval_problems + d.dev_problems
-        locked = []  # the test and dev problems, when drawn with seeds of their own
-        if d.test_seed is not None:
-            for n, seed in ((d.eval_problems, d.test_seed), (d.dev_problems, d.dev_seed)):
-                locked += task.split_problems(0, n, seed, exclude=frozenset(locked))[1]
-        train, held_out = task.split_problems(d.train_problems + d.prompts,
-                                              (0 if locked else held) + (d.gate_problems if recoverable else 0),
-                                              d.seed, exclude=frozenset(locked))
-        held_out = locked + held_out
-        truth, prompts = train[: d.train_problems], train[d.train_problems:]
-        rng = np.random.default_rng([d.seed, 1])  # the slips'
-        slips = [task.random_slip(p, rng) if recoverable and i % 2 == 0 and rng.random() < d.slip_rate
-                 else None for i, p in enumerate(truth)]
-        text = task.corpus(train[:3000]) + task.chat_corpus(train[:500]) + default_corpus()
-        text += [p.corrected_reasoning(*s)[0] for p, s in zip(truth[:3000], slips, strict=False) if s]
-        build_toy_tokenizer(out / "tokenizer", corpus=text, vocab_size=min(376, self.cfg.model.vocab_size))
-        task.write_jsonl(out / "truth.jsonl", [task.conversation(p, "think" if i % 2 == 0 else "no_think", s)
-                                               for i, (p, s) in enumerate(zip(truth, slips, strict=True))])
-        task.write_jsonl(out / "prompts.jsonl", [task.prompt_line(p) for p in prompts])
-        task.write_jsonl(out / "eval.jsonl", [task.prompt_line(p) for p in held_out[: d.eval_problems]])
-        task.write_jsonl(out / "dev.jsonl", [task.prompt_line(p) for p in held_out[d.eval_problems: held]])
-        if recoverable:
-            task.write_jsonl(out / "gate.jsonl", [task.prompt_line(p) for p in held_out[held:]])
-        write_text_atomic(out / "spec.json", json.dumps(spec, indent=1) + "\n")
-        write_text_atomic(out / DONE, "")
-        return out
+        return build_assets(self.cfg, self.cache)
 
     def gate(self, assets: Path, teacher: Path) -> dict:
         """recoverable: the teacher gate (qwen3kd/study/gate.py) on the held-out gate problems,
@@ -260,7 +215,7 @@ class Demo:
                 "recipe": recipe, "train": {**{k: t["train"][k] for k in (
                     "seq_length", "micro_batch_size", "precision")}, "seed": t["demo"]["teacher"]["seed"]},
                 "nproc": self.cfg.demo.nproc, "parallel": t["parallel"], "optim": t["optim"]}
-        return self.cache / f"teacher-{_key(spec)}"
+        return self.cache / f"teacher-{cache_key(spec)}"
 
     def teacher(self, assets: Path) -> Path:
         """The trained teacher's Hugging Face folder (from the cache when it is there)."""

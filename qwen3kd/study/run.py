@@ -24,14 +24,14 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from qwen3kd.config.schema import DemoVariant, JobConfig, StudyPhase
-from qwen3kd.demo.pipeline import ARMS, EXTRA_ARMS
+from qwen3kd.demo.assets import build_assets
+from qwen3kd.demo.pipeline import MODES, arms_of
 from qwen3kd.errors import ConfigError
 from qwen3kd.files import write_text_atomic
 from qwen3kd.study import analysis
 
 log = logging.getLogger(__name__)
 
-MODES = ("think", "no_think")
 VOID = "VOID"  # a variant's marker file: its teacher gate failed
 TEST_SET_LOCK = "test_set.sha256"  # <run.dir>/…: the locked test set's hash (test phase)
 TEST_SET_TAG = "qwen3kd.test_set_sha256"
@@ -126,7 +126,7 @@ class Study:
                         "tracking": {"uri": uri, "tags": tags,
                                      "parent_run_id": parent.run_id if parent and parent.active else None}})
                     if phase is StudyPhase.test:
-                        cfg.tracking.tags[TEST_SET_TAG] = self.locked_test_set(Demo(cfg, self.config_path).assets())
+                        cfg.tracking.tags[TEST_SET_TAG] = self.locked_test_set(build_assets(cfg, Path(cfg.demo.cache).resolve()))
                     log.info("study: %s (%d variants × %d seeds)", key, len(self.cfg.study.variants),
                              len(self.cfg.study.seeds))
                     try:
@@ -230,7 +230,7 @@ class Study:
                  for v in s.variants for seed in s.seeds}
         # Every arm of every variant, tested or not (the protocol: everything is reported).
         arms = [{"variant": v.value, "arm": arm, "mode": mode, "accuracy": {str(k): float(x.mean()) for k, x in c.items()}}
-                for v in s.variants for arm in ("offpolicy", *ARMS, *EXTRA_ARMS.get(v, ())) for mode in MODES
+                for v in s.variants for arm in ("offpolicy", *arms_of(v)) for mode in MODES
                 if (c := self.correctness(v, arm, mode))]
         lock = self.root / TEST_SET_LOCK
         report = {"protocol": str(self.protocol), "protocol_version": s.protocol_version,
