@@ -374,6 +374,8 @@ class DemoVariant(str, Enum):
 
     plain = "plain"  # the demo's task
     recoverable = "recoverable"  # think traces may repair a slip with a check line (demo.slip_rate)
+    # few teacher answers off-policy, many fresh prompts on-policy, a compute-matched control (demo.scarce)
+    scarce = "scarce"
 
 
 class EvalSet(str, Enum):
@@ -404,6 +406,17 @@ class DemoTeacherConfig:
     min_lr: float = 3e-4
     decay: LRDecay = LRDecay.cosine
     warmup_steps: int = 50
+
+
+@dataclass
+class DemoScarceConfig:
+    """The *scarce* variant (study/protocol.md): teacher answers are few, prompts plentiful."""
+
+    # Training-split prompts the teacher answers in both modes: the off-policy data (2 answers each)
+    answered_prompts: int = 400
+    # Fresh training-split prompts, disjoint from those: the on-policy arms' prompts, and the
+    # prompts whose teacher answers (both modes) the compute-matched control continues on.
+    prompts: int = 4000
 
 
 @dataclass
@@ -445,6 +458,11 @@ class DemoConfig:
     # checkpoints, vLLM's engine starting). 1: in turn. (The arms always run in turn.)
     concurrent_stages: int = 2
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    scarce: DemoScarceConfig = field(default_factory=DemoScarceConfig)
+    # The table's teacher and untrained-student rows. A study's units set this false: both models
+    # are the same for every seed (demo.teacher.seed), so evaluating them per unit costs a third
+    # of the evaluation and tells nothing new.
+    eval_fixed_models: bool = True
     # The student before distillation. None: random init. A list of teacher layers: the trained
     # teacher with only those layers kept (depth pruning, as Minitron and DistilBERT initialise
     # their students); the student preset must then be the teacher's with that many layers.
@@ -458,8 +476,8 @@ class StudyConfig:
     protocol's analysis. A seed sets train.seed and rollout.seed; the task's problems
     (demo.seed) and the teacher (demo.teacher.seed) are the same for every seed."""
 
-    protocol: str = "study/protocol.md"  # its version and last commit are tagged on every run
-    protocol_version: int = 1
+    # Its version (its "**Protocol version N**" line) and last commit are tagged on every run.
+    protocol: str = "study/protocol.md"
     # dev: the units' tables answer the dev set (demo.eval_set=dev). test: the locked test set,
     # whose sha256 the first unit records in <run.dir>/test_set.sha256 and every later one must match.
     phase: StudyPhase = StudyPhase.dev

@@ -8,10 +8,13 @@ to its outputs (`<run.dir>/<stage>/stage.yaml`, rerunnable by hand) and its log 
   teacher    `qwen3kd train`: the teacher learns the task from ground truth in both modes,
              exported to a Hugging Face folder with `qwen3kd convert`                     cached
   student    the student's random initialisation (the "before distillation" row)
-  generate   `qwen3kd generate`: the teacher answers the training prompts in both modes
+  generate   `qwen3kd generate`: the teacher answers the training prompts in both modes (in
+             *scarce* only the few of answered.jsonl)
   offpolicy  `qwen3kd train`: KD on the teacher's answers (CE + KL to the teacher's logits)
   the arms   `qwen3kd train`, each resumed from offpolicy's last step for `onpolicy.steps` steps:
-    control  as many more off-policy steps
+    control  as many more off-policy steps; in *scarce* (after the others) on fresh teacher
+             answers (`fresh`: the teacher answers the on-policy prompts), for the steps whose
+             FLOPs, with the teacher's generation of what they learn, match onpolicy's
     onpolicy on-policy distillation: the student answers in vLLM, the teacher scores those
              tokens, reverse KL
     rl       reinforcement learning (GRPO) on the same rollouts: the same prompts, modes and
@@ -52,7 +55,6 @@ from qwen3kd.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# Bump when the task's text or the teacher's recipe changes what a cached entry holds.
 ARMS = ("control", "onpolicy", "rl")  # from the off-policy checkpoint, onpolicy.steps steps each
 MODELS = ("teacher", "student-before", "offpolicy", *ARMS)
 # A variant's arms besides those (study/protocol.md): in *recoverable* on-policy distillation with
@@ -63,6 +65,8 @@ EXTRA_ARMS = {DemoVariant.recoverable: ("onpolicy_fkl",)}
 
 def arms_of(variant: DemoVariant) -> tuple[str, ...]:
     return ARMS + EXTRA_ARMS.get(variant, ())
+
+
 MODES = ("think", "no_think")
 
 
@@ -99,6 +103,8 @@ class Demo:
                               "seeds) or neither (all held-out problems from demo.seed)")
         if cfg.demo.concurrent_stages < 1:
             raise ConfigError(f"demo.concurrent_stages must be >= 1, got {cfg.demo.concurrent_stages}")
+        if cfg.demo.variant is DemoVariant.scarce and min(cfg.demo.scarce.answered_prompts, cfg.demo.scarce.prompts) < 1:
+            raise ConfigError("demo.scarce.answered_prompts and demo.scarce.prompts must be >= 1")
         if cfg.demo.rl_lr_scale <= 0:
             raise ConfigError(f"demo.rl_lr_scale must be > 0, got {cfg.demo.rl_lr_scale}")
         _check_student_layers(cfg)
@@ -111,7 +117,8 @@ class Demo:
         self.sharing = 1  # stages running at once: they share the CPU's threads
         self.gate_result = None  # recoverable: the teacher gate's rates
         self.arms = arms_of(cfg.demo.variant)
-        self.models = (*MODELS[: -len(ARMS)], *self.arms)
+        self.models = (*(MODELS[: -len(ARMS)] if cfg.demo.eval_fixed_models else ("offpolicy",)), *self.arms)
+        self.matched = None  # scarce: how the control's steps were matched to onpolicy's FLOPs
 
     @property
     def table_set(self) -> str:
@@ -256,13 +263,13 @@ class Demo:
             return save_hf(random_qwen3(self.cfg.model, self.cfg.train.seed), out, assets / "tokenizer")
         return depth_pruned(teacher, out, list(keep))
 
-    def generate(self, assets: Path, teacher: Path) -> Path:
+    def generate(self, assets: Path, teacher: Path, prompts: str = "prompts.jsonl", stage: str = "generate") -> Path:
         d = deepcopy(self.base)
         d["teacher"]["load"] = str(teacher)
-        d["generate"].update(prompts=str(assets / "prompts.jsonl"), both_modes=True)
-        run_dir = self.root / "generate"
-        stage = self._stage_config("generate", d, run_dir)
-        self._run("generate", ["generate", str(stage)])
+        d["generate"].update(prompts=str(assets / prompts), both_modes=True)
+        run_dir = self.root / stage
+        config = self._stage_config(stage, d, run_dir)
+        self._run(stage, ["generate", str(config)])
         return run_dir / "generated.jsonl"
 
     def _distill(self, name: str, assets: Path, teacher: Path, data: Path, **changes) -> Path:
@@ -293,14 +300,34 @@ class Demo:
     def arm(self, name: str, assets, teacher, data, start: Path) -> Path:
         return self._distill(name, assets, teacher, data, **self.arm_changes(name, start))
 
+    def run_arms(self, assets: Path, teacher: Path, data: Path, start: Path) -> dict[str, Path]:
+        """Every arm from the off-policy checkpoint `start`, in turn (at once, three trainers and
+        two rollout engines on 2 cores took 1.5× as long: README, "The demo"). In *scarce* the
+        control runs last: the teacher answers the on-policy prompts (`fresh`), and the control
+        continues on those answers for as many steps as match onpolicy's FLOPs."""
+        if self.cfg.demo.variant is not DemoVariant.scarce:
+            return {a: self._timed(a, self.arm, a, assets, teacher, data, start) for a in self.arms}
+        out = {a: self._timed(a, self.arm, a, assets, teacher, data, start) for a in self.arms if a != "control"}
+        fresh = self._timed("fresh", self.generate, assets, teacher, "prompts.jsonl", "fresh")
+        from qwen3kd.models.params import count_params
+        from qwen3kd.tracking import read_metrics
+
+        self.matched = matched_steps(self.compute("onpolicy")["flops"], read_metrics(self.root / "offpolicy"),
+                                     count_params(self.cfg.teacher.model).active)
+        log.info("demo: scarce: the control runs %d steps on fresh teacher answers (onpolicy's %.3g FLOPs "
+                 "/ %.3g per step, the teacher's generation included)", self.matched["steps"],
+                 self.matched["onpolicy_flops"], self.matched["step_flops"])
+        out["control"] = self._timed("control", self.arm, "control", assets, teacher, fresh, start)
+        return {a: out[a] for a in self.arms}
+
     def arm_changes(self, name: str, start: Path) -> dict:
         """The config of one arm from the off-policy checkpoint `start`, onpolicy.steps steps:
         control (more off-policy), onpolicy (distillation on the student's answers, onpolicy.kd_kind),
         onpolicy_fkl (the same with forward KL) or rl (GRPO on them)."""
         changes = {"resume": str(start)}
         if name == "control":
-            changes.update({"phases": ["offpolicy"],
-                            "train.steps": self.cfg.train.steps + self.cfg.onpolicy.steps})
+            steps = self.matched["steps"] if self.matched else self.cfg.onpolicy.steps
+            changes.update({"phases": ["offpolicy"], "train.steps": self.cfg.train.steps + steps})
         else:
             changes.update({"phases": ["offpolicy", "onpolicy"],
                             "onpolicy.objective": "grpo" if name == "rl" else "kd"})
@@ -340,7 +367,7 @@ class Demo:
         results = self.evaluate(assets, models, "curves", "dev.jsonl", samples=0)
         out = {}
         for arm in self.arms:
-            flops = {r["step"]: r["compute/flops"] for r in read_metrics(self.root / arm) if "compute/flops" in r}
+            flops = {r["step"]: self.charged(arm, r) for r in read_metrics(self.root / arm) if "compute/flops" in r}
             points = {branch: results[f"offpolicy@{branch}"]}
             points.update({int(n.split("@")[1]): r for n, r in results.items() if n.startswith(f"{arm}@")})
             out[arm] = [{"step": step, "flops": sum(f for s, f in flops.items() if s <= step),
@@ -359,13 +386,14 @@ class Demo:
             if self.cfg.demo.variant is DemoVariant.recoverable:
                 self.gate_result = self._timed("gate", self.gate, assets, teacher)
             student = self._timed("student", self.student, assets, teacher)
-            data = self._timed("generate", self.generate, assets, teacher)
+            scarce = self.cfg.demo.variant is DemoVariant.scarce
+            data = self._timed("generate", self.generate, assets, teacher,
+                               "answered.jsonl" if scarce else "prompts.jsonl")
             offpolicy = self._timed("offpolicy", self.offpolicy, assets, teacher, student, data)
-            # The arms run in turn: at once, three trainers and two rollout engines on 2 cores took
-            # 1.5× as long as in turn (README, "The demo").
-            arms = {a: self._timed(a, self.arm, a, assets, teacher, data, offpolicy) for a in self.arms}
+            arms = self.run_arms(assets, teacher, data, offpolicy)
             models = {"teacher": teacher, "student-before": student, "offpolicy": offpolicy, **arms}
-            done = self._concurrently({"eval": (self.evaluate, assets, models), **(
+            scored = {m: models[m] for m in self.models}
+            done = self._concurrently({"eval": (self.evaluate, assets, scored), **(
                 {"curves": (self.curves, assets, offpolicy)} if self.cfg.demo.curve_interval else {})})
             results, curves = done["eval"], done.get("curves", {})
         except BaseException:
@@ -401,7 +429,9 @@ class Demo:
             "curves": curves,
             "paths": {m: str(p) for m, p in models.items()},
             "steps": {"teacher": self.cfg.demo.teacher.steps, "offpolicy": self.cfg.train.steps,
-                      **{a: self.cfg.onpolicy.steps for a in self.arms}},
+                      **{a: self.cfg.onpolicy.steps for a in self.arms},
+                      **({"control": self.matched["steps"]} if self.matched else {})},
+            "matched": self.matched,  # scarce: the control's steps from onpolicy's FLOPs
             "claims": {
                 "onpolicy_beats_control": {mode: acc["onpolicy"][mode] > acc["control"][mode] for mode in MODES},
                 "onpolicy_beats_rl": {mode: acc["onpolicy"][mode] > acc["rl"][mode] for mode in MODES},
@@ -411,7 +441,8 @@ class Demo:
                 "pass_at_k_change": {a: {mode: {k: v - passes("offpolicy")[mode][k] for k, v in passes(a)[mode].items()}
                                          for mode in MODES} for a in self.arms},
                 "rl_flops_over_onpolicy": compute["rl"]["flops"] / compute["onpolicy"]["flops"],
-                "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode] for mode in MODES},
+                "onpolicy_gap_to_teacher": {mode: acc["teacher"][mode] - acc["onpolicy"][mode] for mode in MODES}
+                if "teacher" in acc else None,
                 "onpolicy_compliance_at_least_99pct": min(comp) >= 0.99,
             },
             "variant": self.cfg.demo.variant.value,
@@ -434,10 +465,20 @@ class Demo:
         from qwen3kd.tracking import read_metrics
 
         rows = [r for r in read_metrics(run_dir or self.root / stage) if "compute/flops" in r]
-        return {"flops": sum(r["compute/flops"] for r in rows),
+        return {"flops": sum(self.charged(stage, r) for r in rows),
+                "generation_flops": sum(self.charged(stage, r) - r["compute/flops"] for r in rows),
                 "cpu_seconds": round(sum(r["compute/cpu_seconds"] for r in rows), 1),
                 "step_seconds": round(sum(r["time/step"] for r in rows), 1),
                 "seconds": None if stage == "teacher" and self.teacher_cached else self.times[stage]}
+
+    def charged(self, stage: str, row: dict) -> float:
+        """A step's FLOPs as the study charges them: the ledger's, and for *scarce*'s control the
+        teacher's generation of the fresh answers it learns from (generation_flops)."""
+        if self.cfg.demo.variant is DemoVariant.scarce and stage == "control":
+            from qwen3kd.models.params import count_params
+
+            return row["compute/flops"] + generation_flops([row], count_params(self.cfg.teacher.model).active)
+        return row["compute/flops"]
 
     def paired(self, a: str, b: str) -> dict:
         """Per mode, the held-out problems only `a` solves and only `b` solves, and McNemar's z
@@ -505,6 +546,25 @@ class Demo:
     def _close_parent(self, status: str) -> None:
         if self.tracker is not None:
             self.tracker.close(status)
+
+
+def generation_flops(rows: list[dict], teacher_params: int) -> float:
+    """The teacher's FLOPs to generate the answer tokens off-policy steps learn from (their
+    metrics rows' train/tokens): 2N per generated token, the ledger's rule for rollouts, each
+    learned token generated once (prompt prefill uncharged, as for rollouts)."""
+    return sum(2.0 * teacher_params * r["train/tokens"] for r in rows)
+
+
+def matched_steps(target_flops: float, offpolicy_rows: list[dict], teacher_params: int) -> dict:
+    """*scarce*: the control's steps on fresh teacher answers whose FLOPs match `target_flops`
+    (onpolicy's): an off-policy step's mean ledger FLOPs plus the teacher's generation of what
+    it learns, both from the off-policy stage's metrics rows."""
+    rows = [r for r in offpolicy_rows if "compute/flops" in r]
+    if not rows:
+        raise StageError("scarce: the off-policy stage logged no compute/flops (its metrics.jsonl)")
+    per_step = (sum(r["compute/flops"] for r in rows) + generation_flops(rows, teacher_params)) / len(rows)
+    return {"steps": max(1, round(target_flops / per_step)), "onpolicy_flops": target_flops, "step_flops": per_step,
+            "generation_share": generation_flops(rows, teacher_params) / len(rows) / per_step}
 
 
 def _check_student_layers(cfg: JobConfig) -> None:

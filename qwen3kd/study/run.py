@@ -2,7 +2,8 @@
 
 run     the demo's pipeline (qwen3kd/demo/pipeline.py) for every variant × seed of `study.*`, each
         unit in <run.dir>/<variant>/seed-<seed>, nested under one MLflow parent run; every run
-        is tagged with the protocol's version and the commit that last changed it
+        is tagged with the protocol's version (its file's "**Protocol version N**") and the commit
+        that last changed it
         (`qwen3kd.protocol_version`, `qwen3kd.protocol_commit`) and the code's commit. Resumable:
         a finished unit (its summary.json) is not rerun. A *recoverable* unit whose teacher gate
         fails voids the variant for every seed (the protocol, section 4).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -42,6 +44,7 @@ HYPOTHESES = (
     ("H1", DemoVariant.plain, "onpolicy", "control", "equivalence", MODES),
     ("H2", DemoVariant.recoverable, "onpolicy", "control", "superiority", ("think",)),
     ("H2b", DemoVariant.recoverable, "onpolicy", "control", "equivalence", ("no_think",)),
+    ("H3", DemoVariant.scarce, "onpolicy", "control", "superiority", MODES),
     ("H4", None, "onpolicy", "rl", "superiority", MODES),
 )
 
@@ -64,6 +67,10 @@ class Study:
         self.protocol = Path(s.protocol)
         if not self.protocol.is_file():
             raise ConfigError(f"study.protocol: {self.protocol} does not exist")
+        found = re.search(r"\*\*Protocol version (\d+)\*\*", self.protocol.read_text())
+        if not found:
+            raise ConfigError(f"study.protocol: {self.protocol} has no '**Protocol version N**' line")
+        self.version = int(found[1])
         self.cfg, self.config_path = cfg, config_path
         self.root = Path(cfg.run.dir).resolve()
         self._read: dict[tuple, dict[str, np.ndarray] | None] = {}
@@ -75,7 +82,7 @@ class Study:
         """The protocol's version and the commit that last changed its file, the code's commit,
         the phase (dev or test seeds)."""
         where = self.protocol.resolve().parent
-        return {"qwen3kd.protocol_version": str(self.cfg.study.protocol_version),
+        return {"qwen3kd.protocol_version": str(self.version),
                 "qwen3kd.study_phase": self.cfg.study.phase.value,
                 "qwen3kd.protocol_commit": _git(where, "log", "-1", "--format=%H", "--", self.protocol.name),
                 "qwen3kd.commit": _git(where, "rev-parse", "HEAD")}
@@ -109,8 +116,9 @@ class Study:
                                  t.timeout_s) if t.enabled else None
         status = {}
         try:
-            for variant in self.cfg.study.variants:
-                for seed in self.cfg.study.seeds:
+            # Seed-major: a study stopped early has every variant at the same seeds.
+            for seed in self.cfg.study.seeds:
+                for variant in self.cfg.study.variants:
                     unit, key = self.unit_dir(variant, seed), f"{variant.value}/seed-{seed}"
                     if (self.root / variant.value / VOID).is_file():
                         status[key] = "void"
@@ -166,6 +174,32 @@ class Study:
                     row.update(seeds=sorted(a), effect=c.effect, ci95=c.ci95)
                 rows.append(row)
         return rows
+
+    def curves(self) -> list[dict]:
+        """Per variant and arm, its dev curve (the units' summary.json) over the finished seeds:
+        at each step every seed reached, the mean FLOPs since the branch point and per mode the
+        mean dev accuracy with its seed range; and the first such step (with its FLOPs) at which
+        the mean reaches the target, the control's final dev accuracy (mean over seeds)."""
+        s, out = self.cfg.study, []
+        for variant in s.variants:
+            units = [u for seed in s.seeds if (f := self.unit_dir(variant, seed) / "summary.json").is_file()
+                     and (u := json.loads(f.read_text()).get("curves"))]
+            if not units or not all("control" in u for u in units):
+                continue
+            target = {mode: float(np.mean([u["control"][-1][mode] for u in units])) for mode in MODES}
+            for arm in arms_of(variant):
+                by_step = [{p["step"]: p for p in u.get(arm, [])} for u in units]
+                points = []
+                for step in sorted(set.intersection(*(set(b) for b in by_step))):
+                    at = [b[step] for b in by_step]
+                    points.append({"step": step, "flops": float(np.mean([p["flops"] for p in at])),
+                                   **{mode: [float(np.mean(x := [p[mode] for p in at])), min(x), max(x)]
+                                      for mode in MODES}})
+                reached = {mode: next(({"step": p["step"], "flops": p["flops"]} for p in points
+                                       if p[mode][0] >= target[mode]), None) for mode in MODES}
+                out.append({"variant": variant.value, "arm": arm, "seeds": len(units), "target": target,
+                            "to_target": reached, "points": points})
+        return out
 
     def correctness(self, variant: DemoVariant, arm: str, mode: str) -> dict[int, np.ndarray]:
         """Per finished seed, the arm's greedy correctness on each test problem of `mode`, in
@@ -233,11 +267,11 @@ class Study:
                 for v in s.variants for arm in ("offpolicy", *arms_of(v)) for mode in MODES
                 if (c := self.correctness(v, arm, mode))]
         lock = self.root / TEST_SET_LOCK
-        report = {"protocol": str(self.protocol), "protocol_version": s.protocol_version,
+        report = {"protocol": str(self.protocol), "protocol_version": self.version,
                   "phase": s.phase.value,
                   "test_set_sha256": lock.read_text().strip() if lock.is_file() else None,
                   "tags": self.tags(), "units_finished": units, "margin": s.margin, "alpha": s.alpha,
-                  "hypotheses": tests, "secondary": secondary, "arms": arms}
+                  "hypotheses": tests, "secondary": secondary, "arms": arms, "curves": self.curves()}
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.root / "report.json", json.dumps(report, indent=1) + "\n")
         write_text_atomic(self.root / "report.md", report_table(report))
@@ -276,4 +310,15 @@ def report_table(report: dict) -> str:
         per_seed = ", ".join(f"{k}: {100 * v:.1f}" for k, v in r["accuracy"].items())
         lines.append(f"| {r['variant']} | {r['arm']} | {r['mode']} | "
                      f"{100 * float(np.mean(list(r['accuracy'].values()))):.1f} % | {per_seed} |")
+    lines += ["", "Dev curves: greedy dev accuracy per mode, mean over seeds [range], against steps and the "
+              "FLOPs spent since the off-policy checkpoint; target: the control's final dev accuracy, "
+              "and the first step (FLOPs) at which the mean reaches it:", "",
+              "| variant | arm | step | FLOPs | think | no_think |", "|---|---|---:|---:|---|---|"]
+    for c in report["curves"]:
+        for p in c["points"]:
+            cells = [f"{100 * p[m][0]:.1f} [{100 * p[m][1]:.1f}, {100 * p[m][2]:.1f}]" for m in MODES]
+            lines.append(f"| {c['variant']} | {c['arm']} | {p['step']} | {p['flops']:.3g} | " + " | ".join(cells) + " |")
+        reached = ", ".join(f"{m} (target {100 * c['target'][m]:.1f}): " + (
+            f"step {r['step']}, {r['flops']:.3g} FLOPs" if (r := c["to_target"][m]) else "not reached") for m in MODES)
+        lines.append(f"| {c['variant']} | {c['arm']} | to target | | {reached} | |")
     return "\n".join(lines) + "\n"

@@ -45,8 +45,10 @@ def test_demo_pipeline_summary_mlflow_cache_and_compare(tmp_path, monkeypatch):
         assert column in header, column
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary) == {"models", "arms", "compute", "curves", "paths", "steps", "claims",
-                            "variant", "eval_set", "gate", "recovery", "teacher_cached", "seconds", "mlflow", "config"}
+                            "variant", "eval_set", "gate", "recovery", "teacher_cached", "seconds", "mlflow", "config",
+                            "matched"}
     assert summary["variant"] == "plain" and summary["gate"] is None and summary["recovery"] is None
+    assert summary["matched"] is None and summary["compute"]["control"]["generation_flops"] == 0
     assert summary["eval_set"] == "test"
     assert list(summary["models"]) == list(MODELS) and summary["teacher_cached"] is False
     for m in MODELS:

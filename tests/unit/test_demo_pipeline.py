@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen3kd.config.loader import load_config
-from qwen3kd.demo.pipeline import Demo, depth_pruned
+from qwen3kd.demo.pipeline import Demo, depth_pruned, generation_flops, matched_steps
 from qwen3kd.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "demo-arithmetic-cpu.yaml"
@@ -45,6 +45,7 @@ def test_depth_pruned_student_is_the_teacher_without_the_dropped_layers(tmp_path
     (["demo.rl_lr_scale=0"], r"demo.rl_lr_scale must be > 0, got 0"),
     (["demo.dev_problems=0"], r"demo.curve_interval > 0 needs demo.dev_problems > 0"),
     (["demo.test_seed=9001"], r"demo.test_seed and demo.dev_seed: set both"),
+    (["demo.variant=scarce", "demo.scarce.answered_prompts=0"], r"demo.scarce.answered_prompts and demo.scarce.prompts"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,7 +57,9 @@ def _held_out(tmp_path, *overrides: str) -> dict[str, list[str]]:
     cfg = load_config(DEMO, [f"demo.cache={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", *small, *overrides])
     assets = Demo(cfg, DEMO).assets()
     questions = {}
-    for name in ("truth", "prompts", "eval", "dev"):
+    for name in ("truth", "prompts", "eval", "dev", "answered"):
+        if not (assets / f"{name}.jsonl").is_file():
+            continue
         lines = [json.loads(x) for x in (assets / f"{name}.jsonl").read_text().splitlines()]
         questions[name] = [x["messages"][0]["content"] for x in lines]
     return questions
@@ -87,3 +90,33 @@ def test_recoverable_variant_adds_a_forward_kl_arm_on_the_same_rollouts():
     # same in both) but for the KL's direction; the on-policy default is reverse KL.
     assert rec.base["onpolicy"]["kd_kind"] == "reverse_kl" and opd["onpolicy.objective"] == "kd"
     assert fkl == {**opd, "onpolicy.kd_kind": "forward_kl"}
+
+
+def test_scarce_variant_answers_few_prompts_and_keeps_the_on_policy_prompts_fresh(tmp_path):
+    """*scarce*: answered.jsonl (the teacher's few, the off-policy data) and prompts.jsonl (the
+    on-policy arms' and the control's fresh answers') share no problem, and neither shares one
+    with the held-out sets."""
+    q = _held_out(tmp_path, "demo.variant=scarce", "demo.scarce.answered_prompts=40", "demo.scarce.prompts=150",
+                  "demo.test_seed=9001", "demo.dev_seed=9002")
+    assert len(q["answered"]) == 40 and len(q["prompts"]) == 150 and not set(q["answered"]) & set(q["prompts"])
+    used = set(q["truth"]) | set(q["answered"]) | set(q["prompts"])
+    assert not used & (set(q["eval"]) | set(q["dev"]))
+    assert q["eval"] == _held_out(tmp_path / "plain", "demo.test_seed=9001", "demo.dev_seed=9002")["eval"]
+
+
+def test_scarce_control_steps_match_onpolicy_flops_with_the_teachers_generation_charged():
+    # Off-policy steps of 10 GFLOPs learning 1,000 answer tokens each; a 2M-parameter teacher
+    # generates 4 GFLOPs of them (2 × 2e6 × 1,000): 14 GFLOPs a control step.
+    rows = [{"step": s, "compute/flops": 1e10, "train/tokens": 1000.0} for s in range(1, 5)] + [{"step": 5}]
+    assert generation_flops(rows[:4], 2_000_000) == 4 * 4e9
+    m = matched_steps(700e9, rows, 2_000_000)
+    assert m["steps"] == 50 and m["step_flops"] == 14e9 and abs(m["generation_share"] - 4 / 14) < 1e-12
+    assert matched_steps(1e9, rows, 2_000_000)["steps"] == 1  # never 0 steps
+    # Without the charge the control would get 70 steps, not 50.
+    assert matched_steps(700e9, rows, 0)["steps"] == 70
+
+
+def test_a_study_unit_evaluates_only_what_its_seed_changes():
+    cfg = load_config(DEMO, ["demo.eval_fixed_models=false"])
+    assert Demo(cfg, DEMO).models == ("offpolicy", "control", "onpolicy", "rl")
+    assert Demo(load_config(DEMO), DEMO).models[:2] == ("teacher", "student-before")

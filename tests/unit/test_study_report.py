@@ -5,6 +5,7 @@ voided by its teacher gate, and units not run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,9 @@ def test_report_decisions(tmp_path):
     # Holm ran over the four tested rows only, and adjusted p-values are no smaller than raw ones.
     tested = [r for r in report["hypotheses"] if "p" in r]
     assert len(tested) == 4 and all(r["p_holm"] >= r["p"] for r in tested)
-    assert report["tags"]["qwen3kd.protocol_version"] == "1"
+    # The version is the protocol file's own "**Protocol version N**" line.
+    version = re.search(r"\*\*Protocol version (\d+)\*\*", (REPO / "study/protocol.md").read_text())[1]
+    assert report["tags"]["qwen3kd.protocol_version"] == version == str(report["protocol_version"])
     text = (tmp_path / "report.md").read_text()
     assert "| H4 | plain | think | onpolicy − rl (superiority) | 3 |" in text and "| void |" in text
     assert report["phase"] == "dev" and text.startswith("Phase: dev seeds on the dev set")
@@ -109,3 +112,47 @@ def test_report_of_units_not_run(tmp_path):
     assert {r["decision"] for r in report["hypotheses"]} == {"not run"}
     assert report["units_finished"] == {"plain/seed-100": False, "plain/seed-101": False}
     assert OmegaConf.to_container(cfg.study)["seeds"] == [100, 101]
+
+
+def test_report_curves_average_the_seeds_and_find_the_step_to_the_target(tmp_path):
+    cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
+                      [f"run.dir={tmp_path}", f"study.protocol={REPO / 'study/protocol.md'}",
+                       "study.seeds=[0,1]", "study.variants=[scarce]", "study.resamples=200"], check_files=False)
+    acc = {(a, m): 0.5 for a in ("offpolicy", "control", "onpolicy", "rl") for m in ("think", "no_think")}
+
+    def curve(points):  # (step, flops, think, no_think)
+        return [{"step": s, "flops": f, "think": t, "no_think": n} for s, f, t, n in points]
+
+    # The control's last step differs between seeds (scarce matches its FLOPs): only the steps
+    # every seed reached are averaged; the target is the mean of each seed's final control point.
+    curves = [{"control": curve([(250, 0, .5, .1), (275, 10, .6, .2), (290, 16, .7, .3)]),
+               "onpolicy": curve([(250, 0, .5, .1), (275, 8, .8, .1), (300, 16, .9, .2)]),
+               "rl": curve([(250, 0, .5, .1), (275, 4, .5, .1), (300, 8, .5, .1)])},
+              {"control": curve([(250, 0, .5, .1), (275, 12, .6, .2), (285, 17, .9, .5)]),
+               "onpolicy": curve([(250, 0, .5, .1), (275, 10, .6, .1), (300, 20, .7, .6)]),
+               "rl": curve([(250, 0, .5, .1), (275, 6, .5, .1), (300, 12, .5, .1)])}]
+    for seed, c in enumerate(curves):
+        _unit(tmp_path, "scarce", seed, acc)
+        (tmp_path / "scarce" / f"seed-{seed}" / "summary.json").write_text(json.dumps({"curves": c}))
+    report = Study(cfg, Path("study.yaml")).report()
+    by_arm = {c["arm"]: c for c in report["curves"]}
+    assert set(by_arm) == {"control", "onpolicy", "rl"}
+    control, opd, rl = by_arm["control"], by_arm["onpolicy"], by_arm["rl"]
+    assert control["target"] == pytest.approx({"think": 0.8, "no_think": 0.4})
+    assert [p["step"] for p in control["points"]] == [250, 275]
+    assert opd["points"][1] == {"step": 275, "flops": 9.0, "think": [pytest.approx(0.7), 0.6, 0.8],
+                                "no_think": [pytest.approx(0.1), 0.1, 0.1]}
+    assert opd["to_target"] == {"think": {"step": 300, "flops": 18.0}, "no_think": {"step": 300, "flops": 18.0}}
+    assert rl["to_target"] == {"think": None, "no_think": None} and control["to_target"]["think"] is None
+    text = (tmp_path / "report.md").read_text()
+    assert "| scarce | onpolicy | 275 | 9 | 70.0 [60.0, 80.0] | 10.0 [10.0, 10.0] |" in text
+    assert "think (target 80.0): step 300, 18 FLOPs" in text and "not reached" in text
+
+
+def test_a_protocol_without_its_version_line_is_refused(tmp_path):
+    protocol = tmp_path / "protocol.md"
+    protocol.write_text("# A protocol\n\nVersion 2, but not in the form the study reads.\n")
+    cfg = load_config(REPO / "configs/experiments/demo-arithmetic-cpu.yaml",
+                      [f"run.dir={tmp_path}", f"study.protocol={protocol}"], check_files=False)
+    with pytest.raises(ConfigError, match=r"protocol.md has no '\*\*Protocol version N\*\*' line"):
+        Study(cfg, Path("study.yaml"))
