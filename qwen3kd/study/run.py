@@ -133,8 +133,9 @@ class Study:
                         "train": {"seed": seed}, "rollout": {"seed": seed},
                         "tracking": {"uri": uri, "tags": tags,
                                      "parent_run_id": parent.run_id if parent and parent.active else None}})
-                    if phase is StudyPhase.test:
-                        cfg.tracking.tags[TEST_SET_TAG] = self.locked_test_set(build_assets(cfg, Path(cfg.demo.cache).resolve()))
+                    if phase is StudyPhase.test:  # (a merge: the merged config is read-only)
+                        sha = self.locked_test_set(build_assets(cfg, Path(cfg.demo.cache).resolve()))
+                        cfg = OmegaConf.merge(cfg, {"tracking": {"tags": {TEST_SET_TAG: sha}}})
                     log.info("study: %s (%d variants × %d seeds)", key, len(self.cfg.study.variants),
                              len(self.cfg.study.seeds))
                     try:

@@ -7,6 +7,7 @@ control's steps matched to on-policy distillation's FLOPs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import SMOKE, qwen3kd
 
-from qwen3kd.study.run import VOID
+from qwen3kd.study.run import TEST_SET_LOCK, TEST_SET_TAG, VOID
 
 REPO = SMOKE.parents[1]
 pytestmark = pytest.mark.filterwarnings(
@@ -72,7 +73,7 @@ def test_scarce_variant_matches_the_controls_flops_to_on_policy_distillation(tmp
     root = tmp_path / "study"
     overrides = [f"run.dir={root}", f"demo.cache={tmp_path / 'cache'}", "study.variants=[scarce]", "study.seeds=[7]",
                  f"study.protocol={REPO / 'study/protocol.md'}", "demo.eval_fixed_models=false",
-                 "demo.scarce.answered_prompts=8", "demo.scarce.prompts=32", "onpolicy.steps=3"]
+                 "demo.scarce.answered_prompts=8", "demo.scarce.prompts=32", "onpolicy.steps=3", "study.phase=test"]
     done = qwen3kd("study", "run", str(SMOKE / "demo-tiny.yaml"), *overrides, timeout=900)
     unit = root / "scarce" / "seed-7"
     summary = json.loads((unit / "summary.json").read_text())
@@ -107,3 +108,14 @@ def test_scarce_variant_matches_the_controls_flops_to_on_policy_distillation(tmp
     h3 = [r for r in report["hypotheses"] if r["id"] == "H3"]
     assert [r["mode"] for r in h3] == ["think", "no_think"] and all(r["seeds"] == [7] for r in h3)
     assert "| H3 | scarce | think |" in done.stdout
+    # The test phase: the unit answered the locked test set, whose hash every run carries.
+    from mlflow import MlflowClient
+
+    sha = (root / TEST_SET_LOCK).read_text().strip()
+    assert summary["eval_set"] == "test" and report["test_set_sha256"] == sha
+    assert sha == hashlib.sha256((assets / "eval.jsonl").read_bytes()).hexdigest()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    units = [r for r in runs if r.data.tags.get("qwen3kd.study") != "parent"]
+    assert units and all(r.data.tags.get(TEST_SET_TAG) == sha and r.data.tags.get("qwen3kd.study_phase") == "test"
+                         for r in units)
